@@ -1,0 +1,105 @@
+"""Real text, offline: the shortened English Wikipedia dump that ships inside gensim's wheel.
+
+Corpus ``enwiki``: ``gensim==4.4.0`` includes
+``test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2``.
+We drop ``#REDIRECT`` pages, clean the markup with gensim's ``filter_wiki``, remove the
+bold/italic quote runs (``'''``, ``''``) it leaves, and collapse runs of blank lines.
+That leaves 106 articles (~3.1M characters).
+
+Split (by article, so no text is in both): articles keep the dump's order; article ``i`` is in
+``test`` when ``i % 5 == 4`` and in ``calib`` otherwise (21 test articles, 85 calib articles).
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from a3q.assets.cache import cache_dir, write_json_atomic
+
+CORPORA = ("enwiki",)
+SPLITS = ("calib", "test", "all")
+TEST_EVERY = 5  # article i is held out when i % TEST_EVERY == TEST_EVERY - 1
+_ENWIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Article:
+    """One cleaned article: its title and prose."""
+
+    title: str
+    text: str
+
+
+def _enwiki_dump() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("corpus 'enwiki' needs gensim==4.4.0 installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / _ENWIKI_FILE
+    if not path.is_file():
+        raise RuntimeError(f"corpus 'enwiki': {path} is missing from the gensim install")
+    return path
+
+
+def _clean(text: str) -> str:
+    from gensim.corpora.wikicorpus import filter_wiki
+
+    text = filter_wiki(text)
+    text = re.sub(r"'{2,}", "", text)
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+def _parse_enwiki() -> list[Article]:
+    from gensim.corpora.wikicorpus import extract_pages
+
+    articles = []
+    with bz2.open(_enwiki_dump()) as handle:
+        for title, text, _page_id in extract_pages(handle):
+            if text.lstrip().lower().startswith("#redirect"):
+                continue
+            cleaned = _clean(text)
+            if cleaned:
+                articles.append(Article(title=title, text=cleaned))
+    return articles
+
+
+def load_articles(corpus: str = "enwiki") -> list[Article]:
+    """All articles of ``corpus`` in their fixed order, parsed once and cached as JSON."""
+    if corpus not in CORPORA:
+        raise ValueError(f"unknown corpus '{corpus}' (known: {', '.join(CORPORA)})")
+    cached = cache_dir() / "corpora" / f"{corpus}-v{_CACHE_VERSION}.json"
+    if cached.is_file():
+        rows = json.loads(cached.read_text())
+        return [Article(**row) for row in rows]
+    articles = _parse_enwiki()
+    write_json_atomic(cached, [{"title": a.title, "text": a.text} for a in articles])
+    return articles
+
+
+def split_articles(articles: list[Article], split: str) -> list[Article]:
+    """The documented split: every ``TEST_EVERY``-th article is ``test``, the rest ``calib``."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}' (known: {', '.join(SPLITS)})")
+    if split == "all":
+        return list(articles)
+    held_out = split == "test"
+    return [a for i, a in enumerate(articles) if (i % TEST_EVERY == TEST_EVERY - 1) == held_out]
+
+
+def corpus_text(corpus: str, split: str) -> str:
+    """The split's articles joined by blank lines: the text that windows are cut from."""
+    return "\n\n".join(a.text for a in split_articles(load_articles(corpus), split))
+
+
+def text_fingerprint(text: str) -> str:
+    """Short hash of a text, recorded in reports so results name exactly what they ran on."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

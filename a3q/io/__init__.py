@@ -1,0 +1,1 @@
+"""Loading models into ModelGraphs and writing/reading a3q artifacts."""

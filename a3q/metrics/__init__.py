@@ -1,0 +1,5 @@
+"""Quality metrics computed on real text."""
+
+from a3q.metrics.perplexity import PerplexityResult, perplexity
+
+__all__ = ["PerplexityResult", "perplexity"]

@@ -1,0 +1,4 @@
+"""Built-in stages. Importing this package registers them; add a module here to add a stage."""
+
+from a3q.stages import evaluate, export, reload  # noqa: F401
+from a3q.stages.a3 import stage as _a3_stage  # noqa: F401

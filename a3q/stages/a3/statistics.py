@@ -1,0 +1,99 @@
+"""Head-space statistics for A³, collected with hooks in one pass over the calibration windows.
+
+Per layer, in float64 and normalised by the token count (``G = E[x xᵀ]``):
+
+* ``g_q [h, d, d]``, ``g_k [h_kv, d, d]``: outputs of q_proj / k_proj, i.e. queries and keys
+  *before* RoPE (needed in full for the NoPE SVD, only their diagonals under RoPE);
+* ``g_o [h, d, d]`` (MHA): head slices of o_proj's input, the paper's per-head ``W_vᵀ R_p W_v``;
+* ``g_v [h_kv, d, d]`` (GQA): outputs of v_proj, the shared value head's statistic;
+* ``mlp_x2 [d_ff]``: per-channel second moment of down_proj's input.
+
+Nothing of size d_model × d_model is ever built: memory is a handful of d × d matrices per head.
+Statistics come from the model as it is when the stage starts (the paper's choice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from a3q.arch import layer_linears
+from a3q.graph import ModelGraph
+
+
+@dataclass
+class LayerStatistics:
+    """Second moments of one layer (see module docstring); absent entries were not requested."""
+
+    tokens: int = 0
+    g_q: Tensor | None = None
+    g_k: Tensor | None = None
+    g_v: Tensor | None = None
+    g_o: Tensor | None = None
+    mlp_x2: Tensor | None = None
+    _sums: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def add(self, name: str, value: Tensor) -> None:
+        self._sums[name] = self._sums[name] + value if name in self._sums else value
+
+    def finish(self) -> None:
+        for name, total in self._sums.items():
+            setattr(self, name, total / max(self.tokens, 1))
+        self._sums.clear()
+
+
+def _head_moment(values: Tensor, heads: int) -> Tensor:
+    """Σ over tokens of x xᵀ per head: ``[tokens·…, heads·d] → [heads, d, d]`` in float64."""
+    per_head = values.reshape(-1, heads, values.shape[-1] // heads).double()
+    return torch.einsum("nhi,nhj->hij", per_head, per_head)
+
+
+def _register(graph: ModelGraph, index: int, stats: LayerStatistics, components: set[str]) -> list:
+    layer = graph.layers[index]
+    linears = layer_linears(graph.model, graph.family, index)
+    mha = layer.num_heads == layer.num_kv_heads
+    handles = []
+
+    def output_hook(name: str, heads: int):
+        return lambda module, args, output: stats.add(name, _head_moment(output, heads))
+
+    def input_hook(name: str, heads: int):
+        return lambda module, args: stats.add(name, _head_moment(args[0], heads))
+
+    def count_tokens(module, args):
+        stats.tokens += args[0].shape[:-1].numel()
+
+    handles.append(linears["q"].register_forward_pre_hook(count_tokens))
+    if "qk" in components:
+        handles.append(linears["q"].register_forward_hook(output_hook("g_q", layer.num_heads)))
+        handles.append(linears["k"].register_forward_hook(output_hook("g_k", layer.num_kv_heads)))
+    if "ov" in components and mha:
+        handles.append(linears["o"].register_forward_pre_hook(input_hook("g_o", layer.num_heads)))
+    if "ov" in components and not mha:
+        handles.append(linears["v"].register_forward_hook(output_hook("g_v", layer.num_kv_heads)))
+    if "mlp" in components:
+        square_sum = lambda module, args: stats.add("mlp_x2", args[0].double().square().reshape(-1, args[0].shape[-1]).sum(0))  # noqa: E731
+        handles.append(linears["down"].register_forward_pre_hook(square_sum))
+    return handles
+
+
+@torch.no_grad()
+def collect_statistics(
+    graph: ModelGraph, windows: Tensor, components: set[str], batch_size: int = 4, progress: bool = True
+) -> list[LayerStatistics]:
+    """Run the calibration windows through the model once and return every layer's statistics."""
+    stats = [LayerStatistics() for _ in graph.layers]
+    handles = [h for i, s in enumerate(stats) for h in _register(graph, i, s, components)]
+    device = next(graph.model.parameters()).device
+    try:
+        for start in tqdm(range(0, windows.shape[0], batch_size), desc="A³ statistics", disable=not progress, leave=False):
+            graph.model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer_stats in stats:
+        layer_stats.finish()
+    return stats
