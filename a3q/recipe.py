@@ -90,8 +90,9 @@ class Recipe(BaseModel):
 def _format_errors(prefix: str, error: ValidationError) -> list[str]:
     problems = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        problems.append(f"{prefix}{where}: {item['msg']}")
+        message = item["msg"].removeprefix("Value error, ")
+        where = ".".join(str(part) for part in item["loc"])
+        problems.append(f"{prefix}{where}: {message}" if where else f"{prefix}{message}")
     return problems
 
 

@@ -23,8 +23,8 @@ from a3q.modeling.modeling_a3q_llama import (
 
 __all__ = ["a3_config_from_dense", "a3_model_from_state_dict", "to_a3_model", "LLAMA_FAMILY", "GPT2_FAMILY"]
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "a3q_llama")
-GPT2_FAMILY = ("gpt2", "a3q_gpt2")
+from a3q.arch import GPT2_MODEL_TYPES as GPT2_FAMILY  # noqa: E402  (one list of supported model types)
+from a3q.arch import LLAMA_MODEL_TYPES as LLAMA_FAMILY  # noqa: E402
 # Keys of a dense config dict that must not leak into the A³ config (identity of the dense class / run metadata).
 _DROP_KEYS = {"model_type", "architectures", "transformers_version", "auto_map", "_name_or_path"}
 

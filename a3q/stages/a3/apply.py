@@ -32,9 +32,10 @@ def compress_model(
     statistics: list[LayerStatistics],
     plans: list[LayerRanks],
     damping: float,
+    components: frozenset[str] = frozenset({"qk", "ov", "mlp"}),
     progress: bool = True,
 ) -> tuple[ModelGraph, list[LayerResult]]:
-    """Compress every layer of an a3q-class model; returns the new graph and per-layer results."""
+    """Compress the enabled components of every layer; returns the new graph and per-layer results."""
     from a3q.modeling import a3_config_from_dense, a3_model_from_state_dict
 
     state = graph.model.state_dict()
@@ -49,7 +50,7 @@ def compress_model(
             if f"{prefix}{path}.{kind}" in state
         }
         result = compress_layer(
-            weights, graph.layers[index], statistics[index], plans[index], graph.uses_rope, damping
+            weights, graph.layers[index], statistics[index], plans[index], graph.uses_rope, damping, components
         )
         for key, tensor in result.weights.items():
             short, kind = key.split(".")

@@ -115,20 +115,30 @@ def _compress_mlp(weights, layer, stats, rank, out, dtype) -> float:
 
 
 def compress_layer(
-    weights: Weights, layer: LayerStructure, stats: LayerStatistics, ranks: LayerRanks, rope: bool, damping: float
+    weights: Weights,
+    layer: LayerStructure,
+    stats: LayerStatistics,
+    ranks: LayerRanks,
+    rope: bool,
+    damping: float,
+    components: frozenset[str] = frozenset({"qk", "ov", "mlp"}),
 ) -> LayerResult:
-    """Apply A³ to one layer; components whose rank equals the current size are left untouched."""
+    """Apply A³ to the enabled ``components`` of one layer; the others are left untouched.
+
+    An enabled component is transformed even at full rank (a change of basis for OV/NoPE-QK):
+    that is what lets the full-rank test check the whole path against the dense logits.
+    """
     dtype = weights["q.weight"].dtype
     out: Weights = dict(weights)
     structure = replace(layer)
     errors: dict[str, float] = {}
-    if ranks.qk < layer.qk_head_dim:
+    if "qk" in components:
         pairs, errors["qk"] = _compress_qk(weights, layer, stats, ranks.qk, rope, damping, out, dtype)
         structure = replace(structure, qk_head_dim=ranks.qk, rope_pairs=pairs)
-    if ranks.vo < layer.vo_head_dim:
+    if "ov" in components:
         errors["ov"] = _compress_ov(weights, layer, stats, ranks.vo, damping, out, dtype)
         structure = replace(structure, vo_head_dim=ranks.vo)
-    if ranks.ff < layer.intermediate_size:
+    if "mlp" in components:
         errors["mlp"] = _compress_mlp(weights, layer, stats, ranks.ff, out, dtype)
         structure = replace(structure, intermediate_size=ranks.ff)
     return LayerResult(weights=out, structure=structure, relative_error=errors)

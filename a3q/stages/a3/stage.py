@@ -58,7 +58,12 @@ class A3Config(StageConfig):
         return self
 
     def component_ratios(self) -> dict[str, float | None]:
-        return {c: (getattr(self, c) if getattr(self, c) is not None else self.ratio) if c in self.components else None for c in ("qk", "ov", "mlp")}
+        """Each enabled component's ratio: its own field if set, else ``ratio``; None when disabled."""
+        ratios: dict[str, float | None] = {}
+        for component in ("qk", "ov", "mlp"):
+            own = getattr(self, component)
+            ratios[component] = (own if own is not None else self.ratio) if component in self.components else None
+        return ratios
 
     def explicit_ranks(self) -> dict[str, int | None]:
         return {c: getattr(self, _RANK_FIELD[c]) for c in ("qk", "ov", "mlp")}
@@ -74,7 +79,7 @@ def a3(graph, config: A3Config, context):
     started = time.perf_counter()
     statistics = collect_statistics(graph, windows, set(config.components), config.batch_size)
     calibrated = time.perf_counter()
-    compressed, results = compress_model(graph, statistics, plans, config.damping)
+    compressed, results = compress_model(graph, statistics, plans, config.damping, frozenset(config.components))
     finished = time.perf_counter()
     params_after = compressed.decoder_linear_params()
     errors = {c: [r.relative_error.get(c) for r in results] for c in config.components}

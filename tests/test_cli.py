@@ -1,0 +1,60 @@
+"""End to end through the command line: run a recipe, evaluate, inspect (real model, small budgets)."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from typer.testing import CliRunner
+
+from a3q.cli import app
+
+runner = CliRunner()
+
+
+def test_run_recipe_then_eval_and_inspect_the_artifact(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = {
+        "model": "smollm2-135m",
+        "calibration": {"corpus": "enwiki", "split": "calib", "windows": 4, "seq_len": 128, "seed": 0},
+        "stages": [
+            {"stage": "evaluate", "split": "test", "seq_len": 128, "max_windows": 2},
+            {"stage": "a3", "ratio": 0.2},
+            {"stage": "evaluate", "split": "test", "seq_len": 128, "max_windows": 2},
+            {"stage": "export", "path": "artifacts/a3-20"},
+            {"stage": "reload"},
+            {"stage": "evaluate", "split": "test", "seq_len": 128, "max_windows": 2},
+        ],
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = runner.invoke(app, ["run", "recipe.yaml", "--out", "run"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    rows = report["stages"]
+    assert [row["stage"] for row in rows] == ["load", "evaluate", "a3", "evaluate", "export", "reload", "evaluate"]
+    dense, compressed, reloaded = rows[1]["ppl"], rows[3]["ppl"], rows[6]["ppl"]
+    assert dense < compressed and reloaded == compressed
+    assert 0.2 <= rows[2]["achieved_ratio"] < 0.22
+    assert rows[2]["params"] < 0.8 * rows[0]["params"] * 1.0001
+    assert rows[2]["kv_bytes_per_token"] < rows[0]["kv_bytes_per_token"]
+    assert all(row["seconds"] >= 0 and row["peak_rss_mb"] > 0 for row in rows)
+    manifest = json.loads((tmp_path / "artifacts" / "a3-20" / "a3q.json").read_text())
+    assert manifest["recipe"] == recipe and [r["stage"] for r in manifest["report"]] == ["load", "evaluate", "a3", "evaluate"]
+    assert [h["stage"] for h in manifest["structure"]["history"]] == ["evaluate", "a3", "evaluate"]
+    assert manifest["structure"]["history"][1]["config"]["ratio"] == 0.2
+
+    result = runner.invoke(app, ["eval", "artifacts/a3-20", "--seq-len", "128", "--max-windows", "2", "--json", "eval.json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval.json").read_text())["perplexity"] == reloaded
+
+    result = runner.invoke(app, ["inspect", "artifacts/a3-20"])
+    assert result.exit_code == 0, result.output
+    assert "a3q_llama" in result.output and "a3q artifact" in result.output
+
+
+def test_invalid_recipe_fails_before_loading_and_names_the_field(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model: smollm2-135m\nstages:\n  - stage: a3\n    ratio: 1.5\n")
+    result = runner.invoke(app, ["run", str(tmp_path / "bad.yaml")])
+    assert result.exit_code == 2
+    assert "stages[0] (a3): ratio" in result.output
+    assert not (tmp_path / "out").exists()
