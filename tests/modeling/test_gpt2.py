@@ -1,10 +1,6 @@
 """A3GPT2ForCausalLM: Conv1D -> Linear conversion, q/k, v/o and MLP layouts, KV cache, remote-code export."""
 
 import copy
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -18,6 +14,7 @@ from a3q.modeling import (
     save_with_remote_code,
     to_a3_model,
 )
+from tests.remote_code import remote_code_logits
 
 V, D_M, H, L, FF = 128, 64, 4, 2, 256
 D = D_M // H
@@ -184,23 +181,6 @@ def test_sdpa_and_eager_agree() -> None:
     assert max_rel_diff(logits(model, x), ref) <= 1e-5
 
 
-REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.modules["a3q"] = None  # importing a3q would raise: the checkpoint must be self-sufficient
-    import torch
-    from transformers import AutoModelForCausalLM
-    directory, io_path = sys.argv[1], sys.argv[2]
-    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
-    assert type(model).__name__ == "A3GPT2ForCausalLM", type(model)
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    with torch.no_grad():
-        out = model(torch.load(io_path)["ids"]).logits
-    torch.save({"logits": out}, io_path + ".out")
-    """
-)
-
-
 def test_save_with_remote_code_roundtrip(tmp_path) -> None:
     model = compressed_model("sdpa")
     x = ids(seq=12)
@@ -209,14 +189,7 @@ def test_save_with_remote_code_roundtrip(tmp_path) -> None:
     save_with_remote_code(model, out_dir)
     assert (out_dir / "modeling_a3q_gpt2.py").is_file()
 
-    io_path = str(out_dir / "io.pt")
-    torch.save({"ids": x}, io_path)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
-    env.pop("PYTHONPATH", None)
-    proc = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(out_dir), io_path], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert torch.equal(torch.load(io_path + ".out")["logits"], ref)
+    assert torch.equal(remote_code_logits(out_dir, x, "A3GPT2ForCausalLM"), ref)
 
     local = AutoModelForCausalLM.from_pretrained(out_dir).eval()
     assert type(local) is A3GPT2ForCausalLM and local.config.qk_head_dims == [10, 5]

@@ -6,10 +6,6 @@ pair partner, kept frequency, GQA grouping or softmax scale shows up as a logits
 """
 
 import copy
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -33,6 +29,7 @@ from a3q.modeling import (
     save_with_remote_code,
     to_a3_model,
 )
+from tests.remote_code import remote_code_logits
 
 V, D_M, H, H_KV, D, L, FF = 128, 64, 4, 2, 16, 2, 96
 G = H // H_KV
@@ -307,37 +304,6 @@ def test_sdpa_and_eager_agree() -> None:
 
 # ---------------------------------------------------------------- export / reload
 
-REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.modules["a3q"] = None  # importing a3q would raise: the checkpoint must be self-sufficient
-    import torch
-    from transformers import AutoModelForCausalLM
-    directory, io_path = sys.argv[1], sys.argv[2]
-    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
-    assert type(model).__name__ == sys.argv[3], type(model)
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    data = torch.load(io_path)
-    with torch.no_grad():
-        out = model(data["ids"]).logits
-    torch.save({"logits": out}, io_path + ".out")
-    """
-)
-
-
-def run_remote(directory, ids_: torch.Tensor, class_name: str) -> torch.Tensor:
-    io_path = os.path.join(directory, "io.pt")
-    torch.save({"ids": ids_}, io_path)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=os.path.join(directory, "hf_modules"))
-    env.pop("PYTHONPATH", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(directory), io_path, class_name],
-        cwd=directory, env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(io_path + ".out")["logits"]
-
-
 def test_save_with_remote_code_roundtrip(tmp_path) -> None:
     model = compressed_model("sdpa")
     model.config.tie_word_embeddings = True
@@ -348,7 +314,7 @@ def test_save_with_remote_code_roundtrip(tmp_path) -> None:
     save_with_remote_code(model, out_dir)
     assert (out_dir / "modeling_a3q_llama.py").is_file() and (out_dir / "model.safetensors").is_file()
 
-    remote = run_remote(out_dir, x, "A3LlamaForCausalLM")
+    remote = remote_code_logits(out_dir, x, "A3LlamaForCausalLM")
     assert torch.equal(remote, ref)
 
     local = AutoModelForCausalLM.from_pretrained(out_dir).eval()  # registered by `import a3q.modeling`

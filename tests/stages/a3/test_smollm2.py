@@ -8,14 +8,9 @@ Evaluation: the first 8 windows × 512 tokens of enwiki/test (README numbers use
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from a3q.calib.windows import random_windows, sequential_windows
 from a3q.io.artifact import save_artifact
@@ -23,6 +18,7 @@ from a3q.metrics.perplexity import perplexity
 from a3q.stages.a3.apply import as_a3_graph, compress_model
 from a3q.stages.a3.ranks import LayerRanks, plan_ranks
 from a3q.stages.a3.statistics import collect_statistics
+from tests.remote_code import remote_code_logits
 
 ALL = frozenset({"qk", "ov", "mlp"})
 
@@ -111,18 +107,4 @@ def test_export_reloads_in_fresh_process_with_remote_code(compressed_20, test_wi
     probe = test_windows[:1, :64]
     with torch.no_grad():
         expected = compressed_20.model(input_ids=probe).logits
-    save_file({"ids": probe.contiguous()}, str(tmp_path / "probe.safetensors"))
-    script = textwrap.dedent(
-        f"""
-        import sys
-        sys.modules["a3q"] = None  # prove a3q is not needed
-        from safetensors.torch import load_file, save_file
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True).eval()
-        ids = load_file({str(tmp_path / 'probe.safetensors')!r})["ids"]
-        save_file({{"logits": model(input_ids=ids).logits.detach()}}, {str(tmp_path / 'out.safetensors')!r})
-        """
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path, timeout=300)
-    assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["logits"], expected)
+    assert torch.equal(remote_code_logits(path, probe, "A3LlamaForCausalLM"), expected)

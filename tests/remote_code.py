@@ -1,0 +1,48 @@
+"""Load an exported model in a FRESH Python process that cannot import a3q, and return its logits.
+
+Shared by every test that proves an artifact is self-sufficient under ``trust_remote_code=True``.
+Tensors cross the process boundary as safetensors (no pickle).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["a3q"] = None  # importing a3q would raise: the checkpoint must be self-sufficient
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    directory, io_path, expected_class = sys.argv[1], sys.argv[2], sys.argv[3]
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+    assert not expected_class or type(model).__name__ == expected_class, type(model)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    with torch.no_grad():
+        out = model(input_ids=load_file(io_path)["ids"]).logits
+    save_file({"logits": out.contiguous()}, io_path + ".out")
+    """
+)
+
+
+def remote_code_logits(directory: Path | str, ids: torch.Tensor, expected_class: str = "") -> torch.Tensor:
+    """Logits of ``AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)`` on ``ids``."""
+    directory = Path(directory)
+    io_path = directory.parent / f"{directory.name}-io.safetensors"
+    save_file({"ids": ids.contiguous()}, str(io_path))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(directory.parent / "hf_modules"))
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(directory), str(io_path), expected_class],
+        cwd=directory.parent, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return load_file(str(io_path) + ".out")["logits"]
