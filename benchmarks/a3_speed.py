@@ -9,6 +9,8 @@ Commands (from the repository root):
 
     # default: real SmolLM2-135M on CPU, 32×512 enwiki/calib tokens, ratio 0.2 (target ≤ 120 s on 2 cores)
     A3Q_CACHE_DIR=.cache HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/a3_speed.py
+    # on a SHARED machine: 2 OpenMP threads fighting another process made small LAPACK calls 15-25x slower
+    A3Q_CACHE_DIR=.cache HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/a3_speed.py --threads 1
     # CPU check of the 8B code path: one layer, extrapolated linearly to 32
     A3Q_CACHE_DIR=.cache HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/a3_speed.py \
         --shape llama-3.1-8b --layers 1 --windows 2 --seq-len 256
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_common as common  # noqa: E402
+import bench_common as common
 
 PAPER_8B_H100_S = 1.1 * 3600  # the paper's LLaMA-3.1-8B A³ time on one H100, 128×2048 calibration tokens
 PAPER_TOKENS = 128 * 2048
@@ -54,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, help="8B shape: build only N layers, extrapolate linearly to 32")
     parser.add_argument("--hidden-size", type=int, help="8B shape: narrower model (multiple of 128), for tests")
     parser.add_argument("--vocab-size", type=int, help="8B shape: smaller vocabulary, for tests")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, = cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
@@ -192,6 +195,8 @@ def render(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns (and optionally writes) the JSON-able result."""
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     machine = common.machine_info(args.device)  # load average at the start, before we add our own
     graph, windows, full_layers, notes = build(args)
     built_layers = len(graph.layers)

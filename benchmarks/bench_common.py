@@ -20,18 +20,18 @@ SHAPES = ("smollm2", "llama-3.1-8b")
 SMOLLM2_ALIAS = "smollm2-135m"
 
 # LLaMA-3.1-8B (config.json of meta-llama/Llama-3.1-8B): the timing shape, never its weights.
-LLAMA31_8B = dict(
-    hidden_size=4096,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    intermediate_size=14336,
-    vocab_size=128256,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-    rope_parameters={
+LLAMA31_8B: dict[str, Any] = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 14336,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "rope_parameters": {
         "rope_type": "llama3",
         "rope_theta": 500000.0,
         "factor": 8.0,
@@ -39,7 +39,7 @@ LLAMA31_8B = dict(
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192,
     },
-)
+}
 RANDOM_WEIGHTS_NOTE = (
     "LLaMA-3.1-8B *shape* with RANDOM weights: a timing shape, not a quality result"
 )

@@ -14,6 +14,8 @@ Commands (from the repository root):
     # default: real SmolLM2-135M on CPU (float32), batch 1, prefill 512, 64 new tokens, dense vs A³ 20%
     A3Q_CACHE_DIR=.cache HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference.py
     A3Q_CACHE_DIR=.cache HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference.py --rank-multiple 8
+    # on a SHARED machine: 2 OpenMP threads fighting another process made decode steps 4-10x slower
+    A3Q_CACHE_DIR=.cache HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference.py --threads 1 --rank-multiple 8
     A3Q_CACHE_DIR=.cache HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference.py --rank-multiple 1 8 32
     # GPU: LLaMA-3.1-8B shape, random bf16 weights, batch 8 × 2048 prefill, SDPA
     A3Q_CACHE_DIR=.cache HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference.py \
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_common as common  # noqa: E402
+import bench_common as common
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, help="8B shape: build only N layers (reduced: not 8B numbers)")
     parser.add_argument("--hidden-size", type=int, help="8B shape: narrower model (multiple of 128), for tests")
     parser.add_argument("--vocab-size", type=int, help="8B shape: smaller vocabulary, for tests")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, = cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
@@ -143,8 +146,8 @@ def smollm2_models(args: argparse.Namespace) -> tuple[torch.Tensor, Iterator[tup
     if prompt.shape[0] < args.batch:
         raise ValueError(f"enwiki/test has only {prompt.shape[0]} windows of {args.prefill} tokens")
     calib = random_windows(dense.tokenizer, "enwiki", "calib", args.calib_seq_len, args.calib_windows, args.seed)
-    notes = [f"real SmolLM2-135M-Instruct, {args.dtype}; prompts: enwiki/test; A³ calibrated on "
-             f"{args.calib_windows}×{args.calib_seq_len} enwiki/calib tokens"]
+    notes = [(f"real SmolLM2-135M-Instruct, {args.dtype}; prompts: enwiki/test; A³ calibrated on "
+              f"{args.calib_windows}×{args.calib_seq_len} enwiki/calib tokens")]
 
     def rows() -> Iterator[tuple[str, int | None, Any]]:
         yield "dense (HF LlamaForCausalLM)", None, dense
@@ -231,6 +234,8 @@ def render(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns (and optionally writes) the JSON-able result."""
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     machine = common.machine_info(args.device)  # load average at the start, before we add our own
     build = smollm2_models if args.shape == "smollm2" else llama8b_models
     prompt, models, notes = build(args)

@@ -13,9 +13,21 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-TINY_8B = ["--shape", "llama-3.1-8b", "--hidden-size", "256", "--vocab-size", "1024"]
+# One torch thread: on a shared 2-core machine, LAPACK calls on small matrices with 2 OpenMP threads
+# were measured 15-25x slower under contention (A³ decomposition of SmolLM2: 1.5 s vs 24-36 s).
+ONE_THREAD = ["--threads", "1"]
+TINY_8B = [*ONE_THREAD, "--shape", "llama-3.1-8b", "--hidden-size", "256", "--vocab-size", "1024"]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """The scripts set torch's thread count (--threads); give the rest of the session its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def load_script(name: str):
@@ -74,7 +86,7 @@ def test_inference_tiny_smollm2_real_a3(tmp_path: Path) -> None:
     """The default model's path: real SmolLM2 and a real (tiny-calibration) A³ compression."""
     out = tmp_path / "inference_smollm2.json"
     load_script("inference").main([
-        "--prefill", "16", "--decode", "2", "--repeats", "1", "--warmup", "0",
+        *ONE_THREAD, "--prefill", "16", "--decode", "2", "--repeats", "1", "--warmup", "0",
         "--calib-windows", "1", "--calib-seq-len", "32", "--rank-multiple", "8", "--json", str(out),
     ])
     rows = read(out)["rows"]
