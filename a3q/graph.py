@@ -21,6 +21,8 @@ class LayerStructure:
     ``qk_head_dim``/``vo_head_dim`` are the current hidden sizes of the two attention circuits.
     ``rope_pairs`` holds, per KV head, the kept RoPE frequency-pair indices (None: all kept).
     ``quantized`` maps a linear's short name (``q``, ``k``, …, ``down``) to how it is stored.
+    ``factor_ranks`` maps a linear's short name to the rank k of a two-factor replacement
+    (``W ≈ B A``, ``k·(in + out)`` weights instead of ``in·out``), as low-rank baselines store it.
     """
 
     num_heads: int
@@ -32,13 +34,33 @@ class LayerStructure:
     gated_mlp: bool = True
     rope_pairs: list[list[int]] | None = None
     quantized: dict[str, str] = field(default_factory=dict)
+    factor_ranks: dict[str, int] = field(default_factory=dict)
+
+    def linear_shapes(self, hidden_size: int) -> dict[str, tuple[int, int]]:
+        """``(in_features, out_features)`` of each linear, by short name, at the current sizes."""
+        attn_q, attn_kv = self.num_heads * self.qk_head_dim, self.num_kv_heads * self.qk_head_dim
+        shapes = {
+            "q": (hidden_size, attn_q),
+            "k": (hidden_size, attn_kv),
+            "v": (hidden_size, self.num_kv_heads * self.vo_head_dim),
+            "o": (self.num_heads * self.vo_head_dim, hidden_size),
+            "up": (hidden_size, self.intermediate_size),
+            "down": (self.intermediate_size, hidden_size),
+        }
+        if self.gated_mlp:
+            shapes["gate"] = (hidden_size, self.intermediate_size)
+        return shapes
 
     def linear_params(self, hidden_size: int) -> int:
-        """Weights of this layer's linears (biases excluded): the unit of compression ratios."""
-        qk = hidden_size * (self.num_heads + self.num_kv_heads) * self.qk_head_dim
-        vo = hidden_size * (self.num_kv_heads + self.num_heads) * self.vo_head_dim
-        mlp = (3 if self.gated_mlp else 2) * hidden_size * self.intermediate_size
-        return qk + vo + mlp
+        """Weights of this layer's linears (biases excluded): the unit of compression ratios.
+
+        A factored linear of rank k counts ``k·(in + out)``: both factors are stored and run.
+        """
+        total = 0
+        for name, (fan_in, fan_out) in self.linear_shapes(hidden_size).items():
+            rank = self.factor_ranks.get(name)
+            total += fan_in * fan_out if rank is None else rank * (fan_in + fan_out)
+        return total
 
     def kv_values_per_token(self) -> int:
         """Cached values per token: one key of qk_head_dim and one value of vo_head_dim per KV head."""
@@ -53,6 +75,12 @@ class ModelGraph:
     models, ``gpt2`` for learned-position MHA models). ``kv_cache_bits`` is the storage width of
     a cached value (the model dtype unless a KV stage quantizes the cache); KV bytes per token are
     computed from it and the per-layer sizes. ``history`` records the stages applied so far.
+
+    ``kv_cache`` is the quantized-cache setting (``bits``, ``group_size``, ``residual``, ``key_axis``;
+    see :mod:`a3q.cache.quantized`) or None for a full-precision cache. It is mirrored on the model
+    (``generation_config.a3q_kv_cache``) because stages that rebuild the graph keep the model's
+    generation config but not this object's fields: a new graph picks the setting up from there,
+    and ``kv_cache_bits`` then equals its ``bits``.
     """
 
     model: Any
@@ -64,15 +92,53 @@ class ModelGraph:
     source: str
     history: list[dict[str, Any]] = field(default_factory=list)
     kv_cache_bits: int | None = None
+    kv_cache: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        from a3q.cache import get_settings, install, set_settings
+
+        if self.kv_cache is None:
+            self.kv_cache = get_settings(self.model)
+        elif get_settings(self.model) != self.kv_cache:
+            set_settings(self.model, self.kv_cache)
+        if self.kv_cache is not None:
+            self.kv_cache_bits = int(self.kv_cache["bits"])
+            install(self.model)
+
+    def set_kv_cache(self, settings: dict[str, Any] | None) -> None:
+        """Quantize the cache as ``settings`` say (None: full precision), on the graph and on the model."""
+        from a3q.cache import get_settings, set_settings
+
+        set_settings(self.model, settings)
+        self.kv_cache = get_settings(self.model)
+        self.kv_cache_bits = None if self.kv_cache is None else int(self.kv_cache["bits"])
 
     def decoder_linear_params(self) -> int:
         """Parameters of the decoder's linear weights; embeddings, norms, biases and lm_head excluded."""
         return sum(layer.linear_params(self.hidden_size) for layer in self.layers)
 
     def kv_bytes_per_token(self) -> float:
-        """Bytes of KV cache one token occupies across all layers (keys + values)."""
+        """Bytes of KV cache one token occupies across all layers (keys + values); see :meth:`kv_bytes_per_layer`."""
+        return sum(self.kv_bytes_per_layer())
+
+    def kv_bytes_per_layer(self) -> list[float]:
+        """Exact KV bytes per token of each layer, batch 1.
+
+        Full precision: ``h_kv·(r_qk + r_vo)·bits/8``. Quantized cache: codes packed to ``ceil(r·bits/8)`` bytes per
+        head and token, plus a float16 scale and zero (4 bytes) per group, i.e.
+        ``h_kv·(ceil(r_qk·b/8) + ceil(r_vo·b/8) + 4·ceil(r_vo/G) + K)`` with ``K = 4·ceil(r_qk/G)`` for per-token
+        keys or ``4·r_qk/G`` for per-channel keys (one scale/zero per channel per block of G tokens). The
+        full-precision residual window of recent tokens is a constant per layer and is not included.
+        """
+        if self.kv_cache is not None:
+            from a3q.cache import quantized_bytes_per_token
+
+            return [
+                quantized_bytes_per_token(layer.num_kv_heads, layer.qk_head_dim, layer.vo_head_dim, self.kv_cache)
+                for layer in self.layers
+            ]
         bits = self.kv_cache_bits or torch.finfo(self.dtype).bits
-        return sum(layer.kv_values_per_token() for layer in self.layers) * bits / 8
+        return [layer.kv_values_per_token() * bits / 8 for layer in self.layers]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -86,6 +152,7 @@ class ModelGraph:
             "uses_rope": self.uses_rope,
             "source": self.source,
             "kv_cache_bits": self.kv_cache_bits,
+            "kv_cache": self.kv_cache,
             "layers": [asdict(layer) for layer in self.layers],
             "history": self.history,
         }

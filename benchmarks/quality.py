@@ -1,92 +1,218 @@
-"""Quality of A³ on the real SmolLM2-135M: perplexity vs compression ratio, per-component ablations,
-and the cost of rounding ranks to kernel-friendly multiples.
+"""Quality at equal size on the real SmolLM2-135M: A³ (uniform and global ranks) against the low-rank
+baselines people already use (plain SVD, ASVD, SVD-LLM), at the same fraction of decoder linear weights removed.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py --json out/bench/quality.json
+    # a subset, then one table from several result files:
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py --methods svd asvd --json out/bench/a.json
+    .venv/bin/python benchmarks/quality.py --table out/bench/a.json out/bench/b.json
 
-Protocol: calibration = 32 random windows × 512 tokens of enwiki/calib (seed 0), statistics
-collected once from the dense model; evaluation = the first 40 windows × 512 tokens of
-enwiki/test (20,440 predicted tokens). ``params`` counts decoder linear weights only
-(embeddings and LM head excluded); KV bytes per token are for an fp32 cache.
+``--methods ablations`` adds A³ with one component alone at 10% and with ranks rounded to multiples of 8 / 32.
+
+Protocol: calibration = 32 random windows × 512 tokens of enwiki/calib (seed 0); every method's statistics come
+from the dense model in one hooked pass; evaluation = the first 40 windows × 512 tokens of enwiki/test (20,440
+predicted tokens). ``params`` counts decoder linear weights only (embeddings and LM head excluded; a factored
+linear counts both factors); KV bytes per token are for an fp32 cache. ``seconds`` is the method's own time
+(statistics not shared with other rows + decomposition + for A³ global the sensitivity probes), not evaluation.
+A perplexity that overflows (or a non-finite loss) is printed as "diverged".
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import math
+import sys
 import time
-from datetime import date
+from functools import partial
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from a3q.calib.windows import random_windows, sequential_windows
-from a3q.io.loading import load_graph
-from a3q.metrics.perplexity import perplexity
-from a3q.stages.a3.apply import as_a3_graph, compress_model
-from a3q.stages.a3.ranks import plan_ranks
-from a3q.stages.a3.statistics import collect_statistics
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import machine_info, machine_line
 
 ALL = ("qk", "ov", "mlp")
+METHODS = ("dense", "svd", "asvd", "svd_llm", "a3", "a3_global", "ablations")
+LABELS = {"dense": "dense", "svd": "SVD", "asvd": "ASVD (α=0.5)", "svd_llm": "SVD-LLM (whitening)",
+          "a3": "A³ uniform", "a3_global": "A³ global", "ablations": "A³ ablation"}
+# "ablations": A³ with one component at 10%, and at 20% with ranks rounded to multiples of 8 / 32
+ABLATIONS = [(f"{c} only", {c: 0.1}, 0.1, 1) for c in ALL] + [(f"ranks ×{m}", {c: 0.2 for c in ALL}, 0.2, m) for m in (8, 32)]
 
 
-def configurations(ratios: list[float]) -> list[tuple[str, dict, tuple[str, ...], int]]:
-    """(label, component ratios, components, rank multiple) rows of the table."""
-    rows = [(f"A³ {r:.0%}", {c: r for c in ALL}, ALL, 1) for r in ratios]
-    rows += [(f"A³ 10% {c} only", {c: 0.1}, (c,), 1) for c in ALL]
-    rows += [(f"A³ 20% ranks ×{m}", {c: 0.2 for c in ALL}, ALL, m) for m in (8, 32)]
-    return rows
+def safe_perplexity(model, windows) -> float:
+    """Perplexity, or inf when the model's loss is not finite (plain SVD at high ratios)."""
+    from a3q.metrics.perplexity import NonFiniteLossError, perplexity
+
+    try:
+        return perplexity(model, windows, progress=False).perplexity
+    except (NonFiniteLossError, OverflowError):
+        return math.inf
+
+
+def baseline_rows(dense, calib, test, ratios, methods, emit) -> None:
+    from a3q.stages.baselines.asvd import ASVDConfig, asvd_factors
+    from a3q.stages.baselines.common import collect_input_statistics, factorize_model
+    from a3q.stages.baselines.svd import SVDConfig, svd_factors
+    from a3q.stages.baselines.svd_llm import SVDLLMConfig, svd_llm_factors
+
+    factorizers = {"svd": (SVDConfig, svd_factors), "asvd": (ASVDConfig, partial(asvd_factors, alpha=0.5)),
+                   "svd_llm": (SVDLLMConfig, partial(svd_llm_factors, damping=1e-6))}
+    started = time.perf_counter()
+    stats = collect_input_statistics(dense, calib, second_moments="svd_llm" in methods, progress=False)
+    stats_seconds = time.perf_counter() - started
+    caches: dict[str, dict] = {}  # full-rank factors per method: truncating them serves every ratio
+    for ratio in ratios:
+        for method in [m for m in ("svd", "asvd", "svd_llm") if m in methods]:
+            config_class, factorize = factorizers[method]
+            started = time.perf_counter()
+            factored = factorize_model(dense, config_class(ratio=ratio), factorize, stats if method != "svd" else None,
+                                       caches.setdefault(method, {}))
+            seconds = time.perf_counter() - started + (stats_seconds if method != "svd" else 0.0)
+            ranks = factored.layers[0].factor_ranks
+            emit(row(method, ratio, dense, factored, safe_perplexity(factored.model, test), seconds,
+                     f"k: q {ranks['q']}, k {ranks['k']}, up {ranks['up']}"))
+            del factored
+
+
+def a3_rows(dense, calib, test, ratios, methods, args, emit) -> None:
+    from a3q.stages.a3.apply import as_a3_graph, compress_model
+    from a3q.stages.a3.ranks import plan_ranks
+    from a3q.stages.a3.statistics import collect_statistics
+
+    graph = as_a3_graph(dense)
+    started = time.perf_counter()
+    stats = collect_statistics(graph, calib, set(ALL), progress=False)
+    stats_seconds = time.perf_counter() - started
+    if "ablations" in methods:
+        for label, component_ratios, target, multiple in ABLATIONS:
+            plans = plan_ranks(graph.layers, component_ratios, {}, multiple, rope=True)
+            started = time.perf_counter()
+            compressed, _ = compress_model(graph, stats, plans, 1e-6, frozenset(component_ratios), progress=False)
+            emit(row("ablations", target, dense, compressed, safe_perplexity(compressed.model, test),
+                     time.perf_counter() - started + stats_seconds,
+                     f"{label}: q/k {plans[0].qk}, v/o {plans[0].vo}, ff {plans[0].ff}"))
+            del compressed
+    sensitivity: dict = {}  # with --probe-ratio: one set of probes serves every ratio
+    for ratio in ratios:
+        for method in [m for m in ("a3", "a3_global") if m in methods]:
+            started = time.perf_counter()
+            if method == "a3":
+                plans = plan_ranks(graph.layers, {c: ratio for c in ALL}, {}, 1, rope=True)
+                extra = ""
+            else:
+                from a3q.stages.a3.allocation import plan_global_ranks
+
+                probes = calib[: args.probe_windows, : args.probe_seq_len]
+                if args.probe_ratio is not None and "shared" not in sensitivity:
+                    sensitivity["shared"] = plan_global_ranks(
+                        graph, stats, {c: args.probe_ratio for c in ALL}, probes, 1, 1e-6, args.max_shift, args.mix_components,
+                        progress=False
+                    ).sensitivity
+                allocation = plan_global_ranks(
+                    graph, stats, {c: ratio for c in ALL}, probes, multiple=1, damping=1e-6, max_shift=args.max_shift,
+                    mix_components=args.mix_components, progress=False, sensitivity=sensitivity.get("shared"),
+                )
+                plans = allocation.plans
+                extra = allocation.summary()
+            compressed, _ = compress_model(graph, stats, plans, 1e-6, frozenset(ALL), progress=False)
+            seconds = time.perf_counter() - started + stats_seconds
+            note = (f"q/k {plans[0].qk}, v/o {plans[0].vo}, ff {plans[0].ff}" if method == "a3" else extra)
+            result = row(method, ratio, dense, compressed, safe_perplexity(compressed.model, test), seconds, note)
+            if method == "a3_global":
+                result["plans"] = [vars(p) for p in plans]
+                result["sensitivity"] = allocation.sensitivity
+            emit(result)
+            del compressed
+
+
+def row(method, target, dense, graph, ppl, seconds, note) -> dict:
+    params = graph.decoder_linear_params()
+    return dict(method=method, target=target, ratio=1 - params / dense.decoder_linear_params(), ppl=ppl,
+                params=params, kv_bytes_per_token=graph.kv_bytes_per_token(), seconds=seconds, note=note)
+
+
+def format_ppl(ppl: float) -> str:
+    if not math.isfinite(ppl) or ppl > 1e6:
+        return "diverged" if not math.isfinite(ppl) else f"{ppl:.2e}"
+    return f"{ppl:.2f}"
+
+
+def print_table(results: list[dict]) -> None:
+    rows = [r for result in results for r in result["rows"]]
+    dense = next(r for r in rows if r["method"] == "dense")
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows.sort(key=lambda r: (r["method"] == "ablations", r["target"], order[r["method"]]))
+    first = results[0]
+    table = Table(title=f"SmolLM2-135M, enwiki/test {first['eval_windows']}×{first['seq_len']}, "
+                  f"calibration {first['calib_windows']}×{first['seq_len']} enwiki/calib")
+    for column in ["target", "method", "achieved ratio", "ppl", "× dense", "params (M)", "KV B/token", "seconds", "ranks"]:
+        table.add_column(column, justify="left" if column in ("method", "ranks") else "right")
+    for r in rows:
+        times = r["ppl"] / dense["ppl"] if math.isfinite(r["ppl"]) else math.inf
+        table.add_row(f"{r['target']:.0%}", LABELS[r["method"]], f"{r['ratio']:.3f}", format_ppl(r["ppl"]),
+                      format_ppl(times), f"{r['params'] / 1e6:.2f}", f"{r['kv_bytes_per_token']:,.0f}",
+                      f"{r['seconds']:.1f}", r["note"])
+    console = Console(width=200)
+    console.print(table)
+    for result in results:
+        measured = sorted({r["method"] for r in result["rows"]}, key=METHODS.index)
+        console.print(f"{', '.join(measured)}: {machine_line(result['machine'])}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--calib-windows", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--probe-windows", type=int, default=2, help="A³ global: calibration windows per probe")
+    parser.add_argument("--probe-seq-len", type=int, default=256, help="A³ global: tokens per probe window")
+    parser.add_argument("--probe-ratio", type=float, default=None,
+                        help="A³ global: probe once at this ratio for all ratios (default: probe at each ratio, as the stage does)")
+    parser.add_argument("--max-shift", type=float, default=0.1, help="A³ global: largest per-layer shift of a component's kept fraction")
+    parser.add_argument("--mix-components", action="store_true", help="A³ global: also move budget between qk/ov/mlp")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on an oversubscribed machine)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--table", type=Path, nargs="+", default=None, help="only print the table of these JSON files")
     args = parser.parse_args()
+    if args.table:
+        print_table([json.loads(path.read_text()) for path in args.table])
+        return
 
-    graph = as_a3_graph(load_graph("smollm2-135m"))
-    calib = random_windows(graph.tokenizer, "enwiki", "calib", args.seq_len, args.calib_windows, seed=0)
-    test = sequential_windows(graph.tokenizer, "enwiki", "test", args.seq_len, args.eval_windows)
-    started = time.perf_counter()
-    stats = collect_statistics(graph, calib, set(ALL))
-    calibration_seconds = time.perf_counter() - started
+    import torch
 
-    dense_ppl = perplexity(graph.model, test).perplexity
-    dense_params, dense_kv = graph.decoder_linear_params(), graph.kv_bytes_per_token()
-    rows = [dict(method="dense", ratio=0.0, ppl=dense_ppl, params=dense_params, kv_bytes_per_token=dense_kv, qk=64, vo=64, ff=1536, seconds=0.0)]
-    for label, ratios, components, multiple in configurations(args.ratios):
-        plans = plan_ranks(graph.layers, ratios, {}, multiple, rope=True)
-        started = time.perf_counter()
-        compressed, _ = compress_model(graph, stats, plans, 1e-6, frozenset(components), progress=False)
-        seconds = time.perf_counter() - started
-        rows.append(dict(
-            method=label, ratio=1 - compressed.decoder_linear_params() / dense_params,
-            ppl=perplexity(compressed.model, test).perplexity, params=compressed.decoder_linear_params(),
-            kv_bytes_per_token=compressed.kv_bytes_per_token(), qk=plans[0].qk, vo=plans[0].vo, ff=plans[0].ff,
-            seconds=seconds,
-        ))
-        del compressed
+    from a3q.calib.windows import random_windows, sequential_windows
+    from a3q.io.loading import load_graph
 
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    table = Table(title=f"A³ on SmolLM2-135M, enwiki/test {args.eval_windows}×{args.seq_len} ({date.today()}, {machine})")
-    for column in ["method", "achieved ratio", "ppl", "× dense", "params (M)", "KV B/token", "q/k, v/o, ff", "decomp s"]:
-        table.add_column(column, justify="left" if column == "method" else "right")
-    for row in rows:
-        table.add_row(
-            row["method"], f"{row['ratio']:.3f}", f"{row['ppl']:.2f}", f"{row['ppl'] / dense_ppl:.2f}",
-            f"{row['params'] / 1e6:.1f}", f"{row['kv_bytes_per_token']:,.0f}", f"{row['qk']}, {row['vo']}, {row['ff']}",
-            f"{row['seconds']:.1f}",
-        )
-    Console().print(table)
-    Console().print(f"calibration ({args.calib_windows}×{args.seq_len} tokens): {calibration_seconds:.1f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"date": str(date.today()), "machine": machine, "calibration_seconds": calibration_seconds, "rows": rows}, indent=2))
+    torch.set_num_threads(args.threads)
+
+    console = Console(stderr=True)
+    info = machine_info("cpu")
+    dense = load_graph("smollm2-135m")
+    calib = random_windows(dense.tokenizer, "enwiki", "calib", args.seq_len, args.calib_windows, seed=0)
+    test = sequential_windows(dense.tokenizer, "enwiki", "test", args.seq_len, args.eval_windows)
+    result = dict(machine=info, methods=args.methods, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
+                  seq_len=args.seq_len, probe=dict(windows=args.probe_windows, seq_len=args.probe_seq_len,
+                                                   max_shift=args.max_shift, mix_components=args.mix_components, ratio=args.probe_ratio), rows=[])
+
+    def emit(new_row: dict) -> None:
+        """Keep and log a row, and rewrite the JSON so an interrupted run keeps what it measured."""
+        result["rows"].append(new_row)
+        console.log({k: v for k, v in new_row.items() if k != "plans"})
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2, default=str))
+
+    if "dense" in args.methods:
+        emit(row("dense", 0.0, dense, dense, safe_perplexity(dense.model, test), 0.0, "q/k 64, v/o 64, ff 1536"))
+    if any(m in args.methods for m in ("svd", "asvd", "svd_llm")):
+        baseline_rows(dense, calib, test, args.ratios, args.methods, emit)
+    if any(m in args.methods for m in ("a3", "a3_global", "ablations")):
+        a3_rows(dense, calib, test, args.ratios, args.methods, args, emit)
+    if "dense" in args.methods:
+        print_table([result])
 
 
 if __name__ == "__main__":

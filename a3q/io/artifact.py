@@ -51,6 +51,10 @@ def save_artifact(graph: ModelGraph, path: str | Path, recipe: dict[str, Any] | 
         else:
             graph.model.save_pretrained(staging)
         graph.tokenizer.save_pretrained(staging)
+        if graph.kv_cache is not None:  # quantized cache: generate() uses it without a3q too
+            from a3q.cache.remote import write_remote_cache_code
+
+            write_remote_cache_code(graph.model, staging)
         files = {f.name: _sha256(f) for f in sorted(staging.iterdir()) if f.is_file()}
         write_json_atomic(
             staging / MANIFEST_NAME,

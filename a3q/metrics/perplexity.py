@@ -5,12 +5,19 @@ windows, no BOS added); every token after the first of a window is predicted, so
 contributes ``seq_len - 1`` predictions. Perplexity is ``exp(total NLL / total predictions)``
 over all windows. A non-finite loss is an error: silently dropping a window would flatter a
 broken model.
+
+With ``cache_chunk`` the window is fed in chunks of that many tokens through a KV cache (the
+model's own: a quantized one when the model carries that setting, see :mod:`a3q.cache`), so every
+chunk attends to keys and values read back from the cache, as in generation. With a
+full-precision cache this equals the plain evaluation up to float rounding.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +56,24 @@ def window_nll(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return torch.stack(totals)
 
 
+def chunked_window_nll(model: torch.nn.Module, batch: torch.Tensor, chunk: int, make_cache: Callable[[], Any]) -> torch.Tensor:
+    """Like :func:`window_nll`, feeding ``chunk`` tokens at a time through a fresh cache per batch.
+
+    Positions come from the cache length, so chunk ``c`` sees tokens ``[0, c·chunk)`` only through the cache.
+    The last logit of a chunk predicts the first token of the next one.
+    """
+    cache = make_cache()
+    totals = torch.zeros(batch.shape[0], dtype=torch.float64, device=batch.device)
+    length = batch.shape[1]
+    for start in range(0, length, chunk):
+        logits = model(input_ids=batch[:, start : start + chunk], past_key_values=cache, use_cache=True).logits
+        targets = batch[:, start + 1 : start + chunk + 1]
+        for row, (window_logits, window_targets) in enumerate(zip(logits, targets)):
+            predicted = window_logits[: window_targets.shape[0]].double()
+            totals[row] += F.cross_entropy(predicted, window_targets, reduction="sum")
+    return totals
+
+
 @torch.no_grad()
 def perplexity(
     model: torch.nn.Module,
@@ -56,10 +81,22 @@ def perplexity(
     batch_size: int = 4,
     progress: bool = True,
     description: str = "perplexity",
+    cache_chunk: int | None = None,
+    make_cache: Callable[[], Any] | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on ``windows`` ([n, seq_len] token ids)."""
+    """Perplexity of ``model`` on ``windows`` ([n, seq_len] token ids).
+
+    ``cache_chunk``: feed each window in chunks of this many tokens through a KV cache (``make_cache()``, by
+    default the model's own cache from :func:`a3q.cache.new_cache`) instead of in one forward pass.
+    """
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError("windows must have shape [n, seq_len] with seq_len >= 2")
+    if cache_chunk is not None and cache_chunk < 1:
+        raise ValueError("cache_chunk must be >= 1")
+    if cache_chunk is not None and make_cache is None:
+        from a3q.cache import new_cache
+
+        make_cache = lambda: new_cache(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -67,7 +104,10 @@ def perplexity(
     starts = range(0, windows.shape[0], batch_size)
     for start in tqdm(starts, desc=description, unit="batch", disable=not progress, leave=False):
         batch = windows[start : start + batch_size].to(device)
-        nll = window_nll(model, batch)
+        if cache_chunk is None:
+            nll = window_nll(model, batch)
+        else:
+            nll = chunked_window_nll(model, batch, cache_chunk, make_cache)
         if not torch.isfinite(nll).all():
             bad = (~torch.isfinite(nll)).nonzero().flatten().add(start).tolist()
             raise NonFiniteLossError(f"non-finite loss in window(s) {bad}: the model's output is broken")

@@ -2,3 +2,5 @@
 
 from a3q.stages import evaluate, export, reload  # noqa: F401
 from a3q.stages.a3 import stage as _a3_stage  # noqa: F401
+from a3q.stages import baselines as _baselines  # noqa: F401
+from a3q.stages import kv as _kv  # noqa: F401

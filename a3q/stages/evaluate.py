@@ -20,12 +20,17 @@ class EvaluateConfig(StageConfig):
     seq_len: int = Field(512, ge=2)
     max_windows: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)
+    #: feed each window in chunks of this many tokens through the model's KV cache (None: one forward pass);
+    #: with a quantized cache this is what measures it, since only cached keys/values are ever quantized
+    cache_chunk: int | None = Field(None, ge=1)
 
 
 @register_stage("evaluate", EvaluateConfig)
 def evaluate(graph, config: EvaluateConfig, context):
     windows = sequential_windows(graph.tokenizer, config.corpus, config.split, config.seq_len, config.max_windows)
-    result = perplexity(graph.model, windows, batch_size=config.batch_size, description=context.spec.label)
+    result = perplexity(
+        graph.model, windows, batch_size=config.batch_size, description=context.spec.label, cache_chunk=config.cache_chunk
+    )
     context.metrics.update(
         ppl=result.perplexity,
         eval={
@@ -35,6 +40,8 @@ def evaluate(graph, config: EvaluateConfig, context):
             "windows": result.windows,
             "predicted_tokens": result.predicted_tokens,
             "mean_nll": result.mean_nll,
+            "cache_chunk": config.cache_chunk,
+            "kv_cache": graph.kv_cache,
         },
     )
     return graph

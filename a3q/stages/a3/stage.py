@@ -7,7 +7,17 @@
   # per-component ratios (qk/ov/mlp) or explicit ranks (qk_rank/vo_rank/ff_rank) override ratio
   rank_multiple: 1          # round ranks down to a multiple (8 or 32 suit GPU kernels)
   damping: 1.0e-6           # δ·mean(diag G)·I added to head-space statistics
+  allocation: uniform       # or global: mixed ranks per layer/component at the same budget
+  max_shift: 0.1            # global: each layer's component keeps within ±max_shift of the uniform fraction
+  mix_components: false     # global: also move budget between qk/ov/mlp (off: each keeps its own budget)
+  probe_windows: 2          # global: calibration windows (of probe_seq_len tokens) per sensitivity probe
+  probe_seq_len: 256
 ```
+
+``allocation: global`` spends the uniform plan's parameter budget where the measured loss per removed
+parameter is smallest (see :mod:`a3q.stages.a3.allocation`): one KL probe per layer and component,
+then a greedy over the closed-form error curves scaled by those probes. The report row lists the ranks of
+every layer and the measured sensitivities.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from a3q.registry import StageConfig, register_stage
+from a3q.stages.a3.allocation import plan_global_ranks
 from a3q.stages.a3.apply import as_a3_graph, compress_model
 from a3q.stages.a3.ranks import plan_ranks
 from a3q.stages.a3.statistics import collect_statistics
@@ -43,9 +54,22 @@ class A3Config(StageConfig):
     rank_multiple: int = Field(1, ge=1, le=1024)
     damping: float = Field(1e-6, ge=0.0, le=1.0)
     batch_size: int = Field(4, ge=1)
+    allocation: Literal["uniform", "global"] = "uniform"
+    max_shift: float = Field(0.1, gt=0.0, lt=1.0)
+    mix_components: bool = False
+    probe_windows: int = Field(2, ge=1)
+    probe_seq_len: int = Field(256, ge=2)
+
+    def check_in_recipe(self, earlier) -> list[str]:
+        if any(spec.name in ("svd", "asvd", "svd_llm") for spec in earlier):
+            return ["a3 needs dense linears; it cannot follow a low-rank baseline (svd, asvd, svd_llm)"]
+        kv_ranks = [spec for spec in earlier if spec.name == "kv" and spec.config.reduces_ranks()]
+        if kv_ranks and ("qk" in self.components or "ov" in self.components):
+            return [f"a3 reduces q/k or v/o ranks after {kv_ranks[0].label} already did: put a3 first (kv budgets are relative to the cache a3 leaves)"]
+        return []
 
     @model_validator(mode="after")
-    def _budget_is_complete(self) -> "A3Config":
+    def _budget_is_complete(self) -> A3Config:
         if len(set(self.components)) != len(self.components):
             raise ValueError("components: each of qk, ov, mlp may appear once")
         for component in ("qk", "ov", "mlp"):
@@ -55,6 +79,8 @@ class A3Config(StageConfig):
                 raise ValueError(f"{component}: a budget is given but '{component}' is not in components")
             if enabled and not given and self.ratio is None:
                 raise ValueError(f"{component}: no budget: set ratio, {component} or {_RANK_FIELD[component]}")
+        if self.allocation == "global" and any(getattr(self, f) is not None for f in _RANK_FIELD.values()):
+            raise ValueError("allocation: global chooses the ranks itself; give ratios, not qk_rank/vo_rank/ff_rank")
         return self
 
     def component_ratios(self) -> dict[str, float | None]:
@@ -79,6 +105,15 @@ def a3(graph, config: A3Config, context):
     started = time.perf_counter()
     statistics = collect_statistics(graph, windows, set(config.components), config.batch_size)
     calibrated = time.perf_counter()
+    calibration_seconds = calibrated - started
+    if config.allocation == "global":
+        allocation = plan_global_ranks(
+            graph, statistics, config.component_ratios(), windows[: config.probe_windows, : config.probe_seq_len],
+            config.rank_multiple, config.damping, config.max_shift, config.mix_components,
+        )
+        plans = allocation.plans
+        context.metrics.update(sensitivity=allocation.sensitivity, allocation_seconds=time.perf_counter() - calibrated)
+        calibrated = time.perf_counter()
     compressed, results = compress_model(graph, statistics, plans, config.damping, frozenset(config.components))
     finished = time.perf_counter()
     params_after = compressed.decoder_linear_params()
@@ -90,10 +125,18 @@ def a3(graph, config: A3Config, context):
         params_before=params_before,
         kv_bytes_per_token_before=kv_before,
         ranks={"qk": first.qk, "vo": first.vo, "ff": first.ff} if uniform else [vars(p) for p in plans],
-        calibration_seconds=calibrated - started,
+        calibration_seconds=calibration_seconds,
         decomposition_seconds=finished - calibrated,
         calibration_tokens=int(windows.numel()),
         relative_error=errors,
-        note=f"ρ={1 - params_after / params_before:.3f} qk={first.qk} vo={first.vo} ff={first.ff}",
+        note=f"ρ={1 - params_after / params_before:.3f} " + (
+            f"qk={first.qk} vo={first.vo} ff={first.ff}" if uniform else _ranges(plans)
+        ),
     )
     return compressed
+
+
+def _ranges(plans) -> str:
+    """``qk=a–b vo=c–d ff=e–f`` across layers, for the note of a mixed-rank plan."""
+    return " ".join(f"{name}={min(getattr(p, key) for p in plans)}–{max(getattr(p, key) for p in plans)}"
+                    for name, key in (("qk", "qk"), ("vo", "vo"), ("ff", "ff")))

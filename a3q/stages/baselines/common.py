@@ -1,0 +1,248 @@
+"""What the low-rank baselines share: the two-factor module, the rank budget, input statistics, the swap.
+
+Every baseline replaces a decoder linear ``y = x Wᵀ + b`` by two GEMMs ``y = (x Aᵀ) Bᵀ + b`` with
+``A [k, in]`` and ``B [out, k]``. They differ only in how they pick ``A, B`` from ``W`` and the
+statistics of ``x``, so the budget, the statistics pass and the module swap live here once, and a
+comparison between baselines is a comparison of factorisations, nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from a3q.arch import LAYER_PREFIX, LINEAR_PATHS, layer_linears
+from a3q.graph import ModelGraph
+from a3q.registry import StageConfig
+
+FACTORIZED_CONFIG_KEY = "a3q_factorized"
+"""Model-config attribute mapping a linear's module path to its factor rank (read back by the loader)."""
+
+# Linears that read the same tensor share one statistic (q/k/v read the attention input, gate/up the MLP input).
+_SHARED_INPUT = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in", "gate": "mlp_in", "up": "mlp_in", "down": "down_in"}
+
+
+class LowRankLinear(nn.Module):
+    """``W ≈ B A`` as two ``nn.Linear``: ``first`` (in → rank, no bias) then ``second`` (rank → out, W's bias)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, dtype=None, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.first = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.second = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.second(self.first(x))
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense product ``B A`` (for inspection and tests; the forward never builds it)."""
+        return self.second.weight @ self.first.weight
+
+    @classmethod
+    def like(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
+        """An uninitialised replacement for ``linear`` with the same shape, dtype and device."""
+        weight = linear.weight
+        return cls(linear.in_features, linear.out_features, rank, linear.bias is not None, weight.dtype, weight.device)
+
+
+class BaselineConfig(StageConfig):
+    """Budget shared by every low-rank baseline.
+
+    ``ratio`` is the fraction of decoder linear weights removed, as for ``a3``: each linear
+    ``[out, in]`` gets rank ``k = round((1 − ratio)·in·out / (in + out))`` (at most ``min(in, out)``).
+    ``rank`` overrides that with one rank for every linear (clipped to ``min(in, out)``; tests use it).
+    """
+
+    needs_calibration = True
+    requires_float_weights = True
+
+    ratio: float | None = Field(None, ge=0.0, lt=1.0)
+    rank: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> BaselineConfig:
+        if (self.ratio is None) == (self.rank is None):
+            raise ValueError("set exactly one of ratio or rank")
+        return self
+
+    def check_in_recipe(self, earlier) -> list[str]:
+        names = {"svd", "asvd", "svd_llm"}
+        if any(spec.name in names for spec in earlier):
+            return ["a model can be factored by one low-rank baseline only"]
+        return []
+
+
+def factor_rank(fan_in: int, fan_out: int, ratio: float) -> int:
+    """The rank whose two factors hold ``(1 − ratio)`` of ``in·out`` weights, rounded to nearest, in [1, min]."""
+    keep = (1.0 - ratio) * fan_in * fan_out / (fan_in + fan_out)
+    return max(1, min(min(fan_in, fan_out), round(keep)))
+
+
+@dataclass
+class InputStatistics:
+    """Per shared input: ``second_moment = E[x xᵀ]`` and ``mean_abs = E|x|`` (float64), over ``tokens`` tokens."""
+
+    tokens: int = 0
+    second_moment: Tensor | None = None
+    mean_abs: Tensor | None = None
+
+    def add(self, x: Tensor, moments: bool) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).double()
+        self.tokens += flat.shape[0]
+        abs_sum = flat.abs().sum(0)
+        self.mean_abs = abs_sum if self.mean_abs is None else self.mean_abs + abs_sum
+        if moments:
+            square = flat.T @ flat
+            self.second_moment = square if self.second_moment is None else self.second_moment + square
+
+    def finish(self) -> None:
+        self.mean_abs = self.mean_abs / max(self.tokens, 1)
+        if self.second_moment is not None:
+            self.second_moment = self.second_moment / max(self.tokens, 1)
+
+
+@torch.no_grad()
+def collect_input_statistics(
+    graph: ModelGraph, windows: Tensor, second_moments: bool, batch_size: int = 4, progress: bool = True
+) -> list[dict[str, InputStatistics]]:
+    """One forward pass with input hooks: per layer, short linear name → statistics of its input.
+
+    Linears reading the same tensor point to the same object, so q/k/v (and gate/up) cost one statistic.
+    """
+    per_layer: list[dict[str, InputStatistics]] = []
+    handles = []
+    for index in range(len(graph.layers)):
+        linears = layer_linears(graph.model, graph.family, index)
+        shared: dict[str, InputStatistics] = {}
+        stats: dict[str, InputStatistics] = {}
+        for name, module in linears.items():
+            key = _SHARED_INPUT[name]
+            if key not in shared:
+                shared[key] = InputStatistics()
+                hook = lambda module, args, s=shared[key]: s.add(args[0], second_moments)
+                handles.append(module.register_forward_pre_hook(hook))
+            stats[name] = shared[key]
+        per_layer.append(stats)
+    device = next(graph.model.parameters()).device
+    try:
+        for start in tqdm(range(0, windows.shape[0], batch_size), desc="input statistics", disable=not progress, leave=False):
+            graph.model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for stats in per_layer:
+        for unique in {id(s): s for s in stats.values()}.values():
+            unique.finish()
+    return per_layer
+
+
+Factorizer = Callable[[Tensor, InputStatistics, int], tuple[Tensor, Tensor]]
+"""``(W [out, in] float64, statistics of x, rank) → (A [rank, in], B [out, rank])`` with ``W ≈ B A``."""
+
+
+def split_singular(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Balanced factors of a truncated SVD: ``A = √Σ_k Vᵀ_k``, ``B = U_k √Σ_k`` (equal scales suit low precision)."""
+    root = s[:rank].sqrt()
+    return root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
+
+
+def factorize_model(
+    graph: ModelGraph,
+    config: BaselineConfig,
+    factorize: Factorizer,
+    statistics: list[dict[str, InputStatistics]] | None,
+    factors_cache: dict[str, tuple[Tensor, Tensor]] | None = None,
+) -> ModelGraph:
+    """A copy of ``graph`` whose decoder linears are :class:`LowRankLinear` (the input graph is left untouched).
+
+    The factored ranks go into the model config (``a3q_factorized``) so that ``a3q.load`` can rebuild the
+    modules before loading the weights, and into each layer's ``factor_ranks`` so parameter counts are right.
+    ``factors_cache`` (a dict, filled on first use) keeps each linear's full-rank factors: every baseline's
+    rank-k factors are the first k rows / columns of them, so sweeping ratios costs one SVD per linear.
+    """
+    model = copy.deepcopy(graph.model)
+    factored = dict(getattr(model.config, FACTORIZED_CONFIG_KEY, None) or {})
+    layers = []
+    prefix_format = LAYER_PREFIX[graph.family]
+    for index, layer in enumerate(graph.layers):
+        linears = layer_linears(model, graph.family, index)
+        ranks = dict(layer.factor_ranks)
+        for name, linear in linears.items():
+            if isinstance(linear, LowRankLinear):
+                raise TypeError(f"layer {index} {name} is already factored (one baseline per model)")
+            fan_in, fan_out = linear.in_features, linear.out_features
+            rank = factor_rank(fan_in, fan_out, config.ratio) if config.ratio is not None else min(config.rank, fan_in, fan_out)
+            stats = statistics[index][name] if statistics is not None else None
+            path = prefix_format.format(index=index) + LINEAR_PATHS[graph.family][name]
+            if factors_cache is None:
+                first, second = factorize(linear.weight.detach().double(), stats, rank)
+            else:
+                if path not in factors_cache:
+                    factors_cache[path] = factorize(linear.weight.detach().double(), stats, min(fan_in, fan_out))
+                first, second = factors_cache[path][0][:rank], factors_cache[path][1][:, :rank]
+            replacement = LowRankLinear.like(linear, rank)
+            with torch.no_grad():
+                replacement.first.weight.copy_(first)
+                replacement.second.weight.copy_(second)
+                if linear.bias is not None:
+                    replacement.second.bias.copy_(linear.bias)
+            model.set_submodule(path, replacement)
+            factored[path] = rank
+            ranks[name] = rank
+        layers.append(replace(layer, factor_ranks=ranks))
+    setattr(model.config, FACTORIZED_CONFIG_KEY, factored)
+    return replace(graph, model=model, layers=layers, history=list(graph.history))
+
+
+def rebuild_factored_modules(model: nn.Module, factored: dict[str, int]) -> None:
+    """Swap the dense linears named in ``factored`` for empty :class:`LowRankLinear` of the recorded rank (loader)."""
+    for path, rank in factored.items():
+        model.set_submodule(path, LowRankLinear.like(model.get_submodule(path), int(rank)))
+
+
+def apply_factored_ranks(graph: ModelGraph, factored: dict[str, int]) -> None:
+    """Record ``factored`` (module path → rank) in the graph's per-layer ``factor_ranks`` (loader)."""
+    prefix_format = LAYER_PREFIX[graph.family]
+    for index, layer in enumerate(graph.layers):
+        prefix = prefix_format.format(index=index)
+        for name, path in LINEAR_PATHS[graph.family].items():
+            if prefix + path in factored:
+                layer.factor_ranks[name] = int(factored[prefix + path])
+
+
+def run_baseline(graph: ModelGraph, config: BaselineConfig, context, factorize: Factorizer, needs: str | None) -> ModelGraph:
+    """Shared stage body: statistics (``needs``: None, ``mean_abs`` or ``second_moment``), factorise, report."""
+    import time
+
+    if graph.family == "gpt2":
+        from a3q.stages.a3.apply import as_a3_graph
+
+        graph = as_a3_graph(graph)  # dense GPT-2 fuses q/k/v into one Conv1D; a3q's class has plain linears
+    params_before = graph.decoder_linear_params()
+    started = time.perf_counter()
+    statistics = None
+    if needs is not None:
+        windows = context.calibration_windows(graph)
+        statistics = collect_input_statistics(graph, windows, needs == "second_moment", config.batch_size)
+    calibrated = time.perf_counter()
+    factored = factorize_model(graph, config, factorize, statistics)
+    finished = time.perf_counter()
+    params_after = factored.decoder_linear_params()
+    ranks = sorted({rank for layer in factored.layers for rank in layer.factor_ranks.values()})
+    context.metrics.update(
+        achieved_ratio=1 - params_after / params_before,
+        params_before=params_before,
+        factor_ranks={name: rank for name, rank in factored.layers[0].factor_ranks.items()},
+        calibration_seconds=calibrated - started,
+        decomposition_seconds=finished - calibrated,
+        note=f"ρ={1 - params_after / params_before:.3f} ranks {ranks[0]}…{ranks[-1]}",
+    )
+    return factored
