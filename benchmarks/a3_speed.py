@@ -222,18 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.device.startswith("cuda"):
         notes.append(f"CPU utilisation over the pass: {measured['cpu_utilisation']:.0%} of wall × "
                      f"{torch.get_num_threads()} threads; load avg (1 min) at end {os.getloadavg()[0]:.2f}")
-    notes.append("shared machine: other processes may compete for the cores; see the load average above")
-    result = {
-        "benchmark": "a3_speed",
-        "machine": machine,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "rows": rows,
-        "notes": notes,
-    }
-    render(result)
-    if args.json:
-        common.write_json(args.json, result)
-    return result
+    return common.finish("a3_speed", machine, args, rows, notes, render)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,24 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
+def finish(
+    benchmark: str, machine: str, args: Any, rows: list[dict[str, Any]], notes: list[str], render: Any
+) -> dict[str, Any]:
+    """Assemble a benchmark's result, print it with ``render`` and write ``--json`` if asked."""
+    notes.append("shared machine: other processes may compete for the cores; see the load average above")
+    result = {
+        "benchmark": benchmark,
+        "machine": machine,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "rows": rows,
+        "notes": notes,
+    }
+    render(result)
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
 def default_dtype(device: str, shape: str) -> str:
     """float32 for SmolLM2 on CPU (the real model's dtype there); bfloat16 on GPU and for the 8B shape."""
     return "float32" if shape == "smollm2" and not device.startswith("cuda") else "bfloat16"

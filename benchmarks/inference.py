@@ -258,18 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         notes.append(f"CPU util = process CPU time / (wall × {torch.get_num_threads()} threads) over the timed "
                      f"repeats (low: shared cores or single-threaded steps); load avg (1 min) at end "
                      f"{os.getloadavg()[0]:.2f}")
-    notes.append("shared machine: other processes may compete for the cores; see the load average above")
-    result = {
-        "benchmark": "inference",
-        "machine": machine,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "rows": rows,
-        "notes": notes,
-    }
-    render(result)
-    if args.json:
-        common.write_json(args.json, result)
-    return result
+    return common.finish("inference", machine, args, rows, notes, render)
 
 
 if __name__ == "__main__":

@@ -111,8 +111,17 @@ def layers_from_config(config: Any) -> tuple[str, int, list[LayerStructure]]:
     """(family, hidden size, per-layer structure) read from a config alone: no weights needed."""
     family = family_of(config)
     if family == "llama":
-        return family, config.hidden_size, _llama_layers(config)
-    return family, config.n_embd, _gpt2_layers(config)
+        hidden, layers = config.hidden_size, _llama_layers(config)
+    else:
+        hidden, layers = config.n_embd, _gpt2_layers(config)
+    # low-rank baselines record their two-factor linears (module path → rank) in the config
+    factored = getattr(config, "a3q_factorized", None) or {}
+    for index, layer in enumerate(layers):
+        prefix = LAYER_PREFIX[family].format(index=index)
+        for name, path in LINEAR_PATHS[family].items():
+            if prefix + path in factored:
+                layer.factor_ranks[name] = int(factored[prefix + path])
+    return family, hidden, layers
 
 
 def describe(model: Any, tokenizer: Any, source: str, history: list | None = None) -> ModelGraph:

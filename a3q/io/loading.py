@@ -43,10 +43,6 @@ def load_graph(reference: str | Path, dtype: str = "float32"):
     manifest = read_manifest(path)
     history = manifest.get("structure", {}).get("history", []) if manifest else []
     graph = describe(model, tokenizer, source=str(reference), history=history)
-    if factored:
-        from a3q.stages.baselines.common import apply_factored_ranks
-
-        apply_factored_ranks(graph, factored)
     if manifest:
         structure = manifest.get("structure", {})
         graph.kv_cache_bits = structure.get("kv_cache_bits")

@@ -208,16 +208,6 @@ def rebuild_factored_modules(model: nn.Module, factored: dict[str, int]) -> None
         model.set_submodule(path, LowRankLinear.like(model.get_submodule(path), int(rank)))
 
 
-def apply_factored_ranks(graph: ModelGraph, factored: dict[str, int]) -> None:
-    """Record ``factored`` (module path → rank) in the graph's per-layer ``factor_ranks`` (loader)."""
-    prefix_format = LAYER_PREFIX[graph.family]
-    for index, layer in enumerate(graph.layers):
-        prefix = prefix_format.format(index=index)
-        for name, path in LINEAR_PATHS[graph.family].items():
-            if prefix + path in factored:
-                layer.factor_ranks[name] = int(factored[prefix + path])
-
-
 def run_baseline(graph: ModelGraph, config: BaselineConfig, context, factorize: Factorizer, needs: str | None) -> ModelGraph:
     """Shared stage body: statistics (``needs``: None, ``mean_abs`` or ``second_moment``), factorise, report."""
     import time
