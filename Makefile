@@ -14,7 +14,7 @@ export A3Q_CACHE_DIR ?= $(CURDIR)/.cache
 export TOKENIZERS_PARALLELISM := false
 PIP := $(BIN)/pip --quiet --disable-pip-version-check
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean gptqmodel-venv bench-gptq
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,3 +38,29 @@ test: setup
 
 clean:
 	rm -rf out .pytest_cache
+
+# A separate venv for GPTQModel, the reference GPTQ implementation that benchmarks/gptq_vs_gptqmodel.py
+# checks a3q's GPTQ against. Separate because gptqmodel pins numpy 2.2.6 (a3q pins 2.4.6); only
+# benchmarks/gptqmodel_side.py runs in it. gptqmodel 7.6.0 is an sdist whose setup.py compiles nothing (its
+# C++/CUDA kernels are built at run time only by the backends that need them; the CPU torch kernel needs none);
+# torch and the libraries a3q also uses are pinned on the same command line so the resolver cannot swap them (an
+# unpinned torch would be a multi-GB CUDA build). optimum is what transformers loads GPTQ checkpoints through.
+# About 2 minutes and 1.6 GB.
+GPTQ_VENV := .venv-gptqmodel
+GPTQ_STAMP := $(GPTQ_VENV)/.installed
+GPTQ_PIP := $(GPTQ_VENV)/bin/pip --quiet --disable-pip-version-check
+
+$(GPTQ_STAMP):
+	test -x $(GPTQ_VENV)/bin/python || $(PYTHON) -m venv $(GPTQ_VENV)
+	$(GPTQ_PIP) install torch==2.13.0 2>&1 | sed '/is ignored/d'
+	$(GPTQ_PIP) install torch==2.13.0 gptqmodel==7.6.0 transformers==5.23.0 safetensors==0.8.0 \
+		accelerate==1.15.0 optimum==2.3.0 datasets==5.2.0 2>&1 | sed '/is ignored/d'
+	$(GPTQ_VENV)/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0') and torch.version.cuda is None, torch.__version__"
+	cd $$(mktemp -d) && GPTQMODEL_CPU_WORKERS=2 $(CURDIR)/$(GPTQ_VENV)/bin/python -c "import gptqmodel, optimum.gptq, transformers, safetensors"
+	touch $(GPTQ_STAMP)
+
+gptqmodel-venv: $(GPTQ_STAMP)
+
+# a3q's GPTQ against GPTQModel on SmolLM2 (4 bit, group 64): time, perplexity, and a3q's export loaded by transformers
+bench-gptq: setup gptqmodel-venv
+	$(BIN)/python benchmarks/gptq_vs_gptqmodel.py --json out/bench/gptq_vs_gptqmodel.json

@@ -33,7 +33,7 @@ class LayerStructure:
     intermediate_size: int
     gated_mlp: bool = True
     rope_pairs: list[list[int]] | None = None
-    quantized: dict[str, str] = field(default_factory=dict)
+    quantized: dict[str, dict[str, Any]] = field(default_factory=dict)
     factor_ranks: dict[str, int] = field(default_factory=dict)
 
     def linear_shapes(self, hidden_size: int) -> dict[str, tuple[int, int]]:
@@ -60,6 +60,19 @@ class LayerStructure:
         for name, (fan_in, fan_out) in self.linear_shapes(hidden_size).items():
             rank = self.factor_ranks.get(name)
             total += fan_in * fan_out if rank is None else rank * (fan_in + fan_out)
+        return total
+
+    def linear_bytes(self, hidden_size: int) -> int:
+        """Bytes of this layer's linear weights as stored: bf16 for float linears, exact for quantized ones."""
+        from a3q.quant import weight_bytes
+
+        total = 0
+        for name, (fan_in, fan_out) in self.linear_shapes(hidden_size).items():
+            rank = self.factor_ranks.get(name)
+            if rank is not None:
+                total += 2 * rank * (fan_in + fan_out)
+            else:
+                total += weight_bytes(self.quantized.get(name), fan_in, fan_out)
         return total
 
     def kv_values_per_token(self) -> int:
@@ -93,6 +106,8 @@ class ModelGraph:
     history: list[dict[str, Any]] = field(default_factory=list)
     kv_cache_bits: int | None = None
     kv_cache: dict[str, Any] | None = None
+    #: an unmerged LoRA adapter: the PeftModel whose causal LM is ``model`` (see :mod:`a3q.stages.lora`)
+    adapter: Any = None
 
     def __post_init__(self) -> None:
         from a3q.cache import get_settings, install, set_settings
@@ -116,6 +131,10 @@ class ModelGraph:
     def decoder_linear_params(self) -> int:
         """Parameters of the decoder's linear weights; embeddings, norms, biases and lm_head excluded."""
         return sum(layer.linear_params(self.hidden_size) for layer in self.layers)
+
+    def decoder_linear_bytes(self) -> int:
+        """Bytes of the decoder's linear weights as stored (float counted at bf16); see ``LayerStructure.linear_bytes``."""
+        return sum(layer.linear_bytes(self.hidden_size) for layer in self.layers)
 
     def kv_bytes_per_token(self) -> float:
         """Bytes of KV cache one token occupies across all layers (keys + values); see :meth:`kv_bytes_per_layer`."""
@@ -155,4 +174,11 @@ class ModelGraph:
             "kv_cache": self.kv_cache,
             "layers": [asdict(layer) for layer in self.layers],
             "history": self.history,
+            **({"adapter": _adapter_record(self.adapter)} if self.adapter is not None else {}),
         }
+
+
+def _adapter_record(adapter: Any) -> dict[str, Any]:
+    from a3q.stages.lora.adapter import adapter_record
+
+    return adapter_record(adapter)

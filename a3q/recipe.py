@@ -119,14 +119,20 @@ def _check_order(stages: list[StageSpec]) -> list[str]:
     """Rules that involve several stages, from the flags each stage config declares."""
     problems = []
     quantized_by: StageSpec | None = None
+    adapter_by: StageSpec | None = None
     for spec in stages:
         cls = type(spec.config)
+        if adapter_by is not None and (cls.produces_quantized_weights or cls.requires_float_weights):
+            problems.append(f"{spec.label}: would change the linears under the unmerged adapter of {adapter_by.label} "
+                            "(and drop it); set merge: true there, or put this stage before it")
         if quantized_by is not None and cls.produces_quantized_weights:
             problems.append(f"{spec.label}: weights are already quantized by {quantized_by.label}; quantizing twice is not supported")
         elif quantized_by is not None and cls.requires_float_weights:
             problems.append(f"{spec.label}: needs float weights but {quantized_by.label} quantized them; move it before the quantization")
         if cls.produces_quantized_weights and quantized_by is None:
             quantized_by = spec
+        if spec.config.keeps_adapter() and adapter_by is None:
+            adapter_by = spec
         problems.extend(f"{spec.label}: {p}" for p in spec.config.check_in_recipe(stages[: spec.index]))
     return problems
 

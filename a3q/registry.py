@@ -30,6 +30,10 @@ class StageConfig(BaseModel):
     #: whether this stage needs float (unquantized) linear weights as input
     requires_float_weights: ClassVar[bool] = False
 
+    def keeps_adapter(self) -> bool:
+        """Whether this stage leaves an unmerged adapter on the model (later stages must not rewrite its linears)."""
+        return False
+
     def check_in_recipe(self, earlier: list[Any]) -> list[str]:
         """Problems with this stage given the stages before it (``StageSpec`` list).
 
@@ -64,6 +68,31 @@ def register_stage(name: str, config_class: type[StageConfig]) -> Callable[[Stag
         return apply
 
     return decorator
+
+
+_LAYERWISE: dict[str, Callable[[Any], Any]] = {}
+
+
+def register_layerwise(name: str) -> Callable:
+    """Register a factory ``config -> LayerwiseStage | None`` for stage ``name`` (decorator).
+
+    A stage with such a factory can share one layer-by-layer calibration pass with its neighbours in a recipe
+    (see :mod:`a3q.calib.layerwise`); the factory returns None for configs that cannot (e.g. A³'s global
+    allocation, which needs every layer's statistics before it picks any rank).
+    """
+
+    def decorator(factory: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        _LAYERWISE[name] = factory
+        return factory
+
+    return decorator
+
+
+def layerwise_part(name: str, config: StageConfig) -> Any:
+    """The stage's part in a shared layer-by-layer pass, or None if it has none (for this config)."""
+    _load_builtin_stages()
+    factory = _LAYERWISE.get(name)
+    return None if factory is None else factory(config)
 
 
 def get_stage(name: str) -> StageEntry:

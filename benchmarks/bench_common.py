@@ -195,3 +195,14 @@ def default_dtype(device: str, shape: str) -> str:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def print_with_context(table: Any, result: dict[str, Any]) -> None:
+    """Print a result table followed by the machine line and the notes (every number needs both)."""
+    from rich.console import Console
+
+    console = Console()
+    console.print(table)
+    console.print(machine_line(result["machine"]))
+    for note in result["notes"]:
+        console.print(f"• {note}")

@@ -30,6 +30,8 @@ LINEAR_PATHS = {
         "up": "mlp.c_fc", "down": "mlp.c_proj",
     },
 }
+# Linears that read the same input tensor (one Hessian / statistic serves the whole group).
+SHARED_INPUTS = {"llama": (("q", "k", "v"), ("gate", "up")), "gpt2": (("q", "k", "v"),)}
 LAYER_PREFIX = {"llama": "model.layers.{index}.", "gpt2": "transformer.h.{index}."}
 
 

@@ -39,6 +39,13 @@ def check_target(path: Path) -> None:
         raise ArtifactExistsError(f"'{path}' exists and is not an a3q artifact; refusing to overwrite it")
 
 
+def _adapter_set_aside(graph: ModelGraph, staging: Path, path: Path):
+    """Context for saving the base model: LoRA layers set aside inside, the adapter written on exit (if any)."""
+    from a3q.stages.lora.adapter import adapter_set_aside
+
+    return adapter_set_aside(graph, staging, path)
+
+
 def save_artifact(graph: ModelGraph, path: str | Path, recipe: dict[str, Any] | None, report: list[dict]) -> Path:
     """Write ``graph`` as an artifact at ``path`` (atomically) and return the path."""
     from a3q.modeling import is_a3_model, save_with_remote_code
@@ -46,16 +53,17 @@ def save_artifact(graph: ModelGraph, path: str | Path, recipe: dict[str, Any] | 
     path = Path(path)
     check_target(path)
     with atomic_directory(path) as staging:
-        if is_a3_model(graph.model):
-            save_with_remote_code(graph.model, staging)
-        else:
-            graph.model.save_pretrained(staging)
+        with _adapter_set_aside(graph, staging, path):  # base weights without LoRA layers; the adapter goes to adapter/
+            if is_a3_model(graph.model):
+                save_with_remote_code(graph.model, staging)
+            else:
+                graph.model.save_pretrained(staging)
         graph.tokenizer.save_pretrained(staging)
         if graph.kv_cache is not None:  # quantized cache: generate() uses it without a3q too
             from a3q.cache.remote import write_remote_cache_code
 
             write_remote_cache_code(graph.model, staging)
-        files = {f.name: _sha256(f) for f in sorted(staging.iterdir()) if f.is_file()}
+        files = {f.relative_to(staging).as_posix(): _sha256(f) for f in sorted(staging.rglob("*")) if f.is_file()}
         write_json_atomic(
             staging / MANIFEST_NAME,
             {

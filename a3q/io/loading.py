@@ -33,55 +33,89 @@ def load_graph(reference: str | Path, dtype: str = "float32"):
     import a3q.modeling  # noqa: F401  (registers a3q model classes with the Auto classes)
 
     path = resolve_model_path(str(reference))
-    factored = _factored_ranks(path)
-    if factored:
-        model = _load_factored(path, factored, DTYPES[dtype])
+    config = _config_dict(path)
+    if config.get("a3q_factorized") or config.get("a3q_gptq"):
+        model = _load_rebuilt(path, config, DTYPES[dtype])
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
     model.eval()
+    from a3q.quant.bnb import adopt_loaded_model  # bitsandbytes linears: a3q's CPU path (see a3q.quant.bnb)
+
+    adopt_loaded_model(model)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     manifest = read_manifest(path)
     history = manifest.get("structure", {}).get("history", []) if manifest else []
     graph = describe(model, tokenizer, source=str(reference), history=history)
+    _describe_storage(graph)
     if manifest:
         structure = manifest.get("structure", {})
         graph.kv_cache_bits = structure.get("kv_cache_bits")
         # the quantized-cache setting is also in generation_config.json; the manifest is the record that counts
         if structure.get("kv_cache") or graph.kv_cache is not None:
             graph.set_kv_cache(structure.get("kv_cache"))
+    if (Path(path) / "adapter" / "adapter_config.json").is_file():  # an unmerged LoRA adapter, in PEFT's format
+        from a3q.stages.lora.adapter import attach_adapter
+
+        graph = attach_adapter(graph, Path(path) / "adapter")
     return graph
 
 
-def _factored_ranks(path: Path) -> dict[str, int]:
-    """``config.a3q_factorized`` (module path → factor rank) of a low-rank baseline artifact, else empty."""
+def _config_dict(path: Path) -> dict:
     config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        return {}
-    return json.loads(config_file.read_text()).get("a3q_factorized") or {}
+    return json.loads(config_file.read_text()) if config_file.is_file() else {}
 
 
-def _load_factored(path: Path, factored: dict[str, int], dtype: torch.dtype):
-    """Build the model from its config, swap in the two-factor modules, then load the weights strictly.
+def _describe_storage(graph) -> None:
+    """Record how each decoder linear is stored (GPTQ, bitsandbytes, …) in the graph's layer structures."""
+    from a3q.arch import layer_linears
+    from a3q.quant import storage_of
 
-    Why not ``from_pretrained``: it builds dense linears and would drop the factor weights as unexpected keys.
-    Only the keys of tied weights (the LM head under tied embeddings) may be absent from the files.
+    for index, layer in enumerate(graph.layers):
+        for short, module in layer_linears(graph.model, graph.family, index).items():
+            storage = storage_of(module)
+            if storage is not None:
+                layer.quantized[short] = storage
+
+
+def _load_rebuilt(path: Path, config_dict: dict, dtype: torch.dtype):
+    """Build the model from its config, swap in a3q's module types, then load the weights strictly.
+
+    For two-factor linears of the low-rank baselines (``config.a3q_factorized``) and GPTQ-quantized linears
+    (``config.a3q_gptq``). Why not ``from_pretrained``: it builds dense linears and would drop the factor weights as
+    unexpected keys, and for a GPTQ checkpoint of a transformers class it would demand gptqmodel (the standard
+    ``quantization_config`` is there for plain transformers; a3q does not need it). Only the keys of tied weights
+    (the LM head under tied embeddings) may be absent from the files.
     """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from a3q.quant.gptq_linear import replace_with_gptq_linears
     from a3q.stages.baselines.common import rebuild_factored_modules
 
     config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    rebuild_factored_modules(model, factored)
+    if config_dict.get("a3q_factorized"):
+        rebuild_factored_modules(model, config_dict["a3q_factorized"])
+    if config_dict.get("a3q_gptq"):
+        replace_with_gptq_linears(model, config_dict["a3q_gptq"])
     state: dict[str, torch.Tensor] = {}
     for weights in sorted(Path(path).glob("*.safetensors")):
         state.update(load_file(str(weights)))
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    # load_state_dict copies into the model's tensors, converting dtypes (fp16 GPTQ scales stay fp16 buffers)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if getattr(config, "tie_word_embeddings", False) else set()
-    buffers = {name for name, _ in model.named_buffers()}
+    buffers = {name for name, _ in model.named_buffers() if not name.endswith(_GPTQ_BUFFERS)}
     missing = [key for key in missing if key not in tied and key not in buffers]
     if missing or unexpected:
-        raise RuntimeError(f"factored artifact {path}: missing={sorted(missing)} unexpected={sorted(unexpected)}")
+        raise RuntimeError(f"artifact {path}: missing={sorted(missing)} unexpected={sorted(unexpected)}")
     model.tie_weights()
+    if config_dict.get("a3q_gptq"):  # keep the record for a re-export
+        model.config.a3q_gptq = config_dict["a3q_gptq"]
+        if "quantization_config" in config_dict:
+            model.config.quantization_config = config_dict["quantization_config"]
     return model
+
+
+_GPTQ_BUFFERS = (".qweight", ".qzeros", ".scales", ".g_idx")

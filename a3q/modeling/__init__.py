@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
-from a3q.modeling import modeling_a3q_gpt2, modeling_a3q_llama
+from a3q.modeling import a3q_bnb_cpu, a3q_gptq_linear, modeling_a3q_gpt2, modeling_a3q_llama
 from a3q.modeling.modeling_a3q_gpt2 import A3GPT2Config, A3GPT2ForCausalLM, A3GPT2Model
 from a3q.modeling.modeling_a3q_llama import A3LlamaConfig, A3LlamaForCausalLM, A3LlamaModel
 
@@ -79,4 +79,8 @@ def save_with_remote_code(model: PreTrainedModel, directory: str | Path) -> Path
     }
     model.save_pretrained(directory)
     shutil.copyfile(module.__file__, directory / f"{stem}.py")
+    # the modeling file imports these (relative imports): GPTQ linears rebuilt from config.a3q_gptq, and the
+    # exact CPU path for bitsandbytes 4-bit linears
+    for helper in (a3q_gptq_linear, a3q_bnb_cpu):
+        shutil.copyfile(helper.__file__, directory / Path(helper.__file__).name)
     return directory

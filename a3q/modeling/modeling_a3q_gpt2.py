@@ -34,6 +34,9 @@ from transformers.models.gpt2.modeling_gpt2 import (
 )
 from transformers.utils.output_capturing import OutputRecorder
 
+from .a3q_bnb_cpu import bitsandbytes_cpu_hook
+from .a3q_gptq_linear import replace_with_gptq_linears
+
 __all__ = [
     "A3GPT2Config",
     "A3GPT2Attention",
@@ -238,6 +241,10 @@ class A3GPT2ForCausalLM(A3GPT2PreTrainedModel, GPT2LMHeadModel):
         self.transformer = A3GPT2Model(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
+        if getattr(config, "a3q_gptq", None):  # GPTQ-quantized linears (a3q's gptq stage): codes come with the weights
+            replace_with_gptq_linears(self, config.a3q_gptq)
+        # bitsandbytes 4-bit linears on CPU: exact for A³'s odd shapes (see a3q_bnb_cpu.py); a no-op otherwise
+        self.register_forward_pre_hook(bitsandbytes_cpu_hook)
 
 
 A3GPT2LMHeadModel = A3GPT2ForCausalLM  # GPT-2 naming alias

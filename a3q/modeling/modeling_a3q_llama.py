@@ -40,6 +40,9 @@ from transformers.models.llama.modeling_llama import (
     rotate_half,
 )
 
+from .a3q_bnb_cpu import bitsandbytes_cpu_hook
+from .a3q_gptq_linear import replace_with_gptq_linears
+
 __all__ = [
     "A3LlamaConfig",
     "A3LlamaAttention",
@@ -50,7 +53,6 @@ __all__ = [
     "A3LlamaForCausalLM",
     "rope_gather_index",
 ]
-
 
 class A3LlamaConfig(LlamaConfig):
     """Llama config plus per-layer A³ shapes. Every extra field defaults to the dense model.
@@ -308,3 +310,7 @@ class A3LlamaForCausalLM(A3LlamaPreTrainedModel, LlamaForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        if getattr(config, "a3q_gptq", None):  # GPTQ-quantized linears (a3q's gptq stage): codes come with the weights
+            replace_with_gptq_linears(self, config.a3q_gptq)
+        # bitsandbytes 4-bit linears on CPU: exact for A³'s odd shapes (see a3q_bnb_cpu.py); a no-op otherwise
+        self.register_forward_pre_hook(bitsandbytes_cpu_hook)

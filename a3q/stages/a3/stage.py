@@ -116,24 +116,30 @@ def a3(graph, config: A3Config, context):
         calibrated = time.perf_counter()
     compressed, results = compress_model(graph, statistics, plans, config.damping, frozenset(config.components))
     finished = time.perf_counter()
+    context.metrics.update(a3_metrics(config, plans, results, compressed, params_before, kv_before))
+    context.metrics.update(
+        calibration_seconds=calibration_seconds,
+        decomposition_seconds=finished - calibrated,
+        calibration_tokens=int(windows.numel()),
+    )
+    return compressed
+
+
+def a3_metrics(config: A3Config, plans, results, compressed, params_before: int, kv_before: float) -> dict:
+    """The report fields of an A³ run: achieved ratio, ranks, per-component relative errors, a short note."""
     params_after = compressed.decoder_linear_params()
-    errors = {c: [r.relative_error.get(c) for r in results] for c in config.components}
     first = plans[0]
     uniform = all(plan == first for plan in plans)
-    context.metrics.update(
+    return dict(
         achieved_ratio=1 - params_after / params_before,
         params_before=params_before,
         kv_bytes_per_token_before=kv_before,
         ranks={"qk": first.qk, "vo": first.vo, "ff": first.ff} if uniform else [vars(p) for p in plans],
-        calibration_seconds=calibration_seconds,
-        decomposition_seconds=finished - calibrated,
-        calibration_tokens=int(windows.numel()),
-        relative_error=errors,
+        relative_error={c: [r.relative_error.get(c) for r in results] for c in config.components},
         note=f"ρ={1 - params_after / params_before:.3f} " + (
             f"qk={first.qk} vo={first.vo} ff={first.ff}" if uniform else _ranges(plans)
         ),
     )
-    return compressed
 
 
 def _ranges(plans) -> str:

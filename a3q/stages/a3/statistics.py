@@ -51,7 +51,8 @@ def _head_moment(values: Tensor, heads: int) -> Tensor:
     return torch.einsum("nhi,nhj->hij", per_head, per_head)
 
 
-def _register(graph: ModelGraph, index: int, stats: LayerStatistics, components: set[str]) -> list:
+def register_statistics_hooks(graph: ModelGraph, index: int, stats: LayerStatistics, components: set[str]) -> list:
+    """Hooks on layer ``index`` that add its moments of ``components`` to ``stats``; returns the handles."""
     layer = graph.layers[index]
     linears = layer_linears(graph.model, graph.family, index)
     mha = layer.num_heads == layer.num_kv_heads
@@ -86,7 +87,7 @@ def collect_statistics(
 ) -> list[LayerStatistics]:
     """Run the calibration windows through the model once and return every layer's statistics."""
     stats = [LayerStatistics() for _ in graph.layers]
-    handles = [h for i, s in enumerate(stats) for h in _register(graph, i, s, components)]
+    handles = [h for i, s in enumerate(stats) for h in register_statistics_hooks(graph, i, s, components)]
     device = next(graph.model.parameters()).device
     try:
         for start in tqdm(range(0, windows.shape[0], batch_size), desc="A³ statistics", disable=not progress, leave=False):

@@ -1,0 +1,64 @@
+"""The ``lora`` stage's config: adapter shape, training budget, training text, and the merge rule."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from a3q.calib.corpus import CORPORA, SPLITS
+from a3q.registry import StageConfig
+
+#: a3q's short names of a decoder layer's linears (see :data:`a3q.arch.LINEAR_PATHS`)
+LinearName = Literal["q", "k", "v", "o", "gate", "up", "down"]
+
+
+class LoraConfig(StageConfig):
+    """LoRA through PEFT; see :mod:`a3q.stages.lora` for what each field does."""
+
+    r: int = Field(8, ge=1, le=4096)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    #: which decoder linears get an adapter, by a3q's short names; None: all of them
+    target_modules: list[LinearName] | None = Field(None, min_length=1)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    steps: int = Field(300, ge=1, le=1_000_000)
+    batch_size: int = Field(1, ge=1, le=4096)
+    seq_len: int = Field(256, ge=2, le=1_000_000)
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    merge: bool = False
+    corpus: Literal[CORPORA] = "enwiki"  # type: ignore[valid-type]
+    split: Literal[SPLITS] = "calib"  # type: ignore[valid-type]
+
+    @field_validator("split")
+    @classmethod
+    def _never_train_on_held_out_text(cls, split: str) -> str:
+        if split != "calib":
+            raise ValueError(f"'{split}' contains the held-out test articles; LoRA trains on 'calib' only")
+        return split
+
+    @field_validator("target_modules")
+    @classmethod
+    def _distinct(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError("each linear may appear once")
+        return names
+
+    def keeps_adapter(self) -> bool:
+        return not self.merge
+
+    def check_in_recipe(self, earlier: list[Any]) -> list[str]:
+        problems = []
+        quantized = next((spec for spec in earlier if type(spec.config).produces_quantized_weights), None)
+        if self.merge and quantized is not None:
+            problems.append(
+                f"merge: cannot merge the adapter into weights that {quantized.label} quantized; set merge: false "
+                "(the adapter is kept and exported next to the quantized base) or put this stage before the quantization"
+            )
+        unmerged = next((spec for spec in earlier if spec.name == "lora" and not spec.config.merge), None)
+        if unmerged is not None:
+            problems.append(
+                f"the model already carries the unmerged adapter of {unmerged.label}; set merge: true there to stack adapters"
+            )
+        return problems

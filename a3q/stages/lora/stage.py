@@ -1,0 +1,192 @@
+"""Stage ``lora``: fine-tune a LoRA adapter through PEFT on the (compressed, possibly quantized) model.
+
+```yaml
+- stage: lora
+  r: 8                     # adapter rank
+  alpha: 16                # scaling alpha / r
+  dropout: 0.0             # dropout on the adapter's input
+  target_modules: null     # a3q short names (q, k, v, o, gate, up, down); default: every decoder linear
+  lr: 1.0e-3               # AdamW, warm-up 5% then cosine to 10%, gradients clipped to norm 1
+  steps: 300
+  batch_size: 1
+  seq_len: 256
+  seed: 0                  # adapter init, window choice and order, dropout
+  gradient_checkpointing: false
+  merge: false             # true: merge into the float weights (refused after a quantizing stage)
+  corpus: enwiki           # the training text; 'test' (held out) is never trained on
+  split: calib
+```
+
+**Bases.** A float model (dense or A³-compressed): PEFT's LoRA ``Linear`` layers. A bitsandbytes 4/8-bit model
+(``bnb`` stage): QLoRA, ``prepare_model_for_kbit_training`` then PEFT's bnb LoRA layers. A model quantized by a3q's
+``gptq`` stage: its ``GPTQLinear`` is registered with PEFT as a custom module type (:mod:`a3q.stages.lora.custom`),
+so gradients reach the adapter through the dequantised weight. The adapter is trained in float32
+(``autocast_adapter_dtype``); the base stays frozen.
+
+**Merge.** ``merge: true`` folds ``B·A·alpha/r`` into the float weights (``merge_and_unload``): the model is a plain
+model again, so ``a3 → lora(merge) → gptq`` fine-tunes in float and quantizes last. Quantized weights cannot absorb
+an adapter, so ``merge: true`` after a quantizing stage fails at validation. ``merge: false`` keeps the adapter:
+``graph.model`` is the causal LM with LoRA layers injected (so ``evaluate`` measures base + adapter) and
+``graph.adapter`` the PeftModel; ``export`` writes the base artifact without LoRA keys and the adapter in PEFT's
+format in ``adapter/`` (:mod:`a3q.stages.lora.adapter`). The model is adapted in place (as PEFT does).
+
+**Report row.** ``steps``, ``train_loss`` (mean of the last 10% of steps), ``loss_first``, ``loss_curve``,
+``train_seconds``, ``seconds_per_step``, ``tokens``, ``trainable_params``; when an ``evaluate`` stage comes before
+this one, the same evaluation is repeated after training: ``ppl_before`` (that stage's number) and ``ppl`` (after).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from a3q.arch import LAYER_PREFIX, LINEAR_PATHS
+from a3q.graph import ModelGraph
+from a3q.registry import register_stage
+from a3q.stages.lora.adapter import with_adapter
+from a3q.stages.lora.config import LoraConfig
+from a3q.stages.lora.train import train, training_windows
+
+
+def target_pattern(graph: ModelGraph, names: list[str] | None) -> str:
+    """A regex (PEFT matches it in full against module names) for the chosen linears of every decoder layer."""
+    paths = LINEAR_PATHS[graph.family]
+    names = list(paths) if names is None else names
+    unknown = [name for name in names if name not in paths]
+    if unknown:
+        raise ValueError(f"target_modules: {unknown} do not exist in a {graph.family} model (it has {list(paths)})")
+    prefix = re.escape(LAYER_PREFIX[graph.family].split("{index}")[0]) + r"\d+\."
+    return prefix + "(" + "|".join(re.escape(paths[name]) for name in names) + ")"
+
+
+def uses_bitsandbytes(model: torch.nn.Module) -> bool:
+    """Whether any module is a bitsandbytes 4/8-bit linear (then QLoRA preparation applies)."""
+    return any(type(module).__module__.startswith("bitsandbytes") for module in model.modules())
+
+
+def peft_lora_config(graph: ModelGraph, config: LoraConfig):
+    """PEFT's LoraConfig for this stage, with a3q's custom quantized-linear types registered."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    from a3q.stages.lora.custom import register_custom_modules
+
+    peft_config = PeftLoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=target_pattern(graph, config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    register_custom_modules(peft_config, graph.model)
+    return peft_config
+
+
+def add_adapter(graph: ModelGraph, config: LoraConfig):
+    """Wrap ``graph.model`` with a freshly initialised adapter (PEFT ``get_peft_model``); returns the PeftModel.
+
+    Call inside the seeded RNG context: ``lora_A`` is initialised from torch's global generator.
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = graph.model
+    if uses_bitsandbytes(model):
+        # QLoRA: freeze the base, cast non-quantized fp16/bf16 weights to fp32 (norms, embeddings)
+        prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return get_peft_model(model, peft_lora_config(graph, config), autocast_adapter_dtype=True)
+
+
+def _earlier_evaluation(context) -> tuple[Any, dict[str, Any]] | None:
+    """The last ``evaluate`` stage before this one and its report row, if the recipe evaluated already."""
+    stages = getattr(getattr(context, "recipe", None), "stages", None)
+    report = getattr(context, "report", None)
+    if not stages or report is None:
+        return None
+    spec = next((s for s in reversed(stages[: context.spec.index]) if s.name == "evaluate"), None)
+    if spec is None:
+        return None
+    row = next((r for r in reversed(report.rows) if r.get("stage") == "evaluate" and "ppl" in r), None)
+    return (spec, row) if row is not None else None
+
+
+def _evaluate_like(graph: ModelGraph, spec, context) -> dict[str, Any]:
+    """Run the ``evaluate`` stage ``spec`` again on ``graph``; its metrics (``ppl``, ``eval``)."""
+    from a3q.stages.evaluate import evaluate
+
+    scratch = SimpleNamespace(metrics={}, spec=SimpleNamespace(label=f"{context.spec.label}: evaluation after"))
+    evaluate(graph, spec.config, scratch)
+    return scratch.metrics
+
+
+@register_stage("lora", LoraConfig)
+def lora(graph: ModelGraph, config: LoraConfig, context) -> ModelGraph:
+    if graph.adapter is not None:
+        raise ValueError("the model already carries an unmerged LoRA adapter; merge it first (merge: true)")
+    if graph.family == "gpt2":  # dense GPT-2 fuses q/k/v in one Conv1D; a3q's class splits them (same logits)
+        from a3q.stages.a3.apply import as_a3_graph
+
+        graph = as_a3_graph(graph)
+    label = getattr(getattr(context, "spec", None), "label", "lora")
+    pool = training_windows(graph.tokenizer, config.corpus, config.split, config.seq_len,
+                            config.steps * config.batch_size, config.seed)
+    frozen = [(p, p.requires_grad) for p in graph.model.parameters()]
+    model = graph.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        adapter = add_adapter(graph, config)
+        if config.merge:  # fail before training, not after
+            from a3q.stages.lora.custom import quantized_targets
+
+            unmergeable = quantized_targets(model)
+            if unmergeable:
+                raise ValueError(f"merge: the adapter cannot be merged into quantized weights, e.g. {unmergeable[0]}")
+        trainable = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        generator = torch.Generator().manual_seed(config.seed)
+        try:
+            result = train(adapter, adapter.parameters(), pool, config.steps, config.batch_size, config.lr,
+                           generator, description=label)
+        finally:
+            if config.gradient_checkpointing:
+                model.gradient_checkpointing_disable()
+            if hasattr(model, "disable_input_require_grads") and getattr(model, "_require_grads_hook", None) is not None:
+                model.disable_input_require_grads()
+    adapter.eval()
+    for parameter in adapter.parameters():  # trained: the adapter is frozen like the base (as PEFT loads it)
+        parameter.requires_grad_(False)
+    if config.merge:
+        merged = adapter.merge_and_unload()
+        for parameter, flag in frozen:  # give the plain model back as it came (PEFT froze the base)
+            parameter.requires_grad_(flag)
+        graph = dataclasses.replace(graph, model=merged, adapter=None)
+    else:
+        graph = with_adapter(graph, adapter)
+    metrics: dict[str, Any] = {
+        "steps": result.steps,
+        "train_loss": result.final_loss,
+        "loss_first": result.losses[0],
+        "loss_curve": result.curve(),
+        "train_seconds": result.seconds,
+        "seconds_per_step": result.seconds / result.steps,
+        "tokens": result.tokens,
+        "train_windows": result.windows,
+        "trainable_params": trainable,
+        "merged": config.merge,
+    }
+    note = f"r={config.r} {result.steps} steps, loss {result.losses[0]:.3f}→{result.final_loss:.3f}"
+    earlier = _earlier_evaluation(context)
+    if earlier is not None:
+        spec, row = earlier
+        after = _evaluate_like(graph, spec, context)
+        metrics.update(ppl_before=row["ppl"], ppl=after["ppl"], eval=after["eval"])
+        note += f", ppl {row['ppl']:.2f}→{after['ppl']:.2f}"
+    context.metrics.update(metrics, note=note + (", merged" if config.merge else ""))
+    return graph

@@ -1,0 +1,123 @@
+"""The LoRA training loop: AdamW on the adapter weights, next-token loss on random windows of the training text.
+
+Deterministic for a fixed seed on CPU: the adapter initialisation, the window order and dropout all draw from
+torch's global generator seeded with ``seed`` inside :func:`torch.random.fork_rng` (so the caller's random state is
+left as it was), and the pool of windows is :func:`a3q.calib.windows.random_windows` with the same seed.
+
+Schedule: linear warm-up over the first 5% of steps (at least one), then cosine decay to 10% of ``lr``; gradients
+are clipped to norm 1. When ``steps × batch_size`` exceeds the windows the split holds, the pool is reused in a
+fresh permutation per pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from a3q.calib.windows import random_windows, sequential_windows
+
+
+@dataclass
+class TrainResult:
+    """What a training run did: per-step losses, tokens seen and wall time."""
+
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    windows: int = 0
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss of the last 10% of steps (at least one): the end of a noisy curve, smoothed a little."""
+        tail = max(1, len(self.losses) // 10)
+        return sum(self.losses[-tail:]) / tail
+
+    def curve(self, points: int = 50) -> list[float]:
+        """The loss curve averaged into at most ``points`` consecutive chunks, for the report."""
+        size = max(1, math.ceil(len(self.losses) / points))
+        return [sum(chunk) / len(chunk) for chunk in (self.losses[i : i + size] for i in range(0, len(self.losses), size))]
+
+
+def training_windows(tokenizer, corpus: str, split: str, seq_len: int, wanted: int, seed: int) -> torch.Tensor:
+    """``min(wanted, available)`` distinct windows of the split, chosen with the seed."""
+    available = sequential_windows(tokenizer, corpus, split, seq_len).shape[0]
+    return random_windows(tokenizer, corpus, split, seq_len, min(wanted, available), seed)
+
+
+def batch_order(pool_size: int, steps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """``[steps, batch_size]`` indices into the pool: one permutation per pass over it."""
+    needed = steps * batch_size
+    passes = [torch.randperm(pool_size, generator=generator) for _ in range(math.ceil(needed / pool_size))]
+    return torch.cat(passes)[:needed].view(steps, batch_size)
+
+
+def next_token_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of every next token in ``batch`` (logits in float32)."""
+    logits = model(input_ids=batch, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+
+
+def _schedule(step: int, steps: int) -> float:
+    warmup = max(1, round(0.05 * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(
+    model: torch.nn.Module,
+    parameters: Iterable[torch.nn.Parameter],
+    pool: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+    description: str = "lora",
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``parameters`` (the adapter's) for ``steps`` AdamW steps on batches drawn from ``pool``.
+
+    Call inside a seeded :func:`torch.random.fork_rng` for a reproducible run (dropout uses the global generator).
+    """
+    parameters = [p for p in parameters if p.requires_grad]
+    if not parameters:
+        raise ValueError("no trainable parameters: the adapter matched no module")
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, steps))
+    order = batch_order(pool.shape[0], steps, batch_size, generator)
+    device = next(model.parameters()).device
+    result = TrainResult(windows=int(pool.shape[0]))
+    was_training = model.training
+    model.train()
+    started = time.perf_counter()
+    bar = tqdm(order, desc=description, unit="step", disable=not progress, leave=False)
+    try:
+        for indices in bar:
+            batch = pool[indices].to(device)
+            loss = next_token_loss(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {float(loss)} at step {result.steps + 1}; lower lr")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(loss.item())
+            result.tokens += int(batch.numel())
+            bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+    finally:
+        bar.close()
+        model.train(was_training)
+    result.seconds = time.perf_counter() - started
+    return result
