@@ -3,8 +3,8 @@
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lora_heal.py --threads 1 --json out/bench/lora.json
 
 Each row is a recipe run by the engine: A³ (uniform ``--ratio``) → [bnb nf4 | gptq 4-bit g64] → evaluate → lora
-(r=8, alpha 16, lr 1e-3, every decoder linear, ``--steps`` steps of one ``--seq-len``-token window of enwiki/calib)
-→ evaluate. Calibration: ``--calib-windows`` × 512 tokens of enwiki/calib (seed 0); evaluation: the first
+(r=8, alpha 16, lr 1e-3, every decoder linear, ``--steps`` steps of one ``--seq-len``-token window of enwiki/calib),
+which re-runs that evaluation after training. Calibration: ``--calib-windows`` × 512 tokens of enwiki/calib (seed 0); evaluation: the first
 ``--eval-windows`` × 512 tokens of enwiki/test, which LoRA never trains on. ``train s`` is the lora stage's time.
 """
 
@@ -36,12 +36,13 @@ def run_row(base: str, args: argparse.Namespace) -> dict:
     recipe = parse_recipe({
         "model": "smollm2-135m",
         "calibration": {"corpus": "enwiki", "split": "calib", "windows": args.calib_windows, "seq_len": 512, "seed": 0},
-        "stages": [{"stage": "a3", "ratio": args.ratio}, *BASES[base], evaluate, lora, evaluate],
+        # lora repeats the evaluation before it once trained: its row holds ppl_before and ppl (after)
+        "stages": [{"stage": "a3", "ratio": args.ratio}, *BASES[base], evaluate, lora],
     })
     rows = run_recipe(recipe, args.out / base, show_table=False).report.rows
     trained = next(row for row in rows if row["stage"] == "lora")
-    return {"before": rows[-3]["ppl"], "after": rows[-1]["ppl"], "train_loss": trained.get("train_loss"),
-            "train_seconds": trained["seconds"], "weight_bytes": rows[-1]["weight_bytes"]}
+    return {"before": trained["ppl_before"], "after": trained["ppl"], "train_loss": trained.get("train_loss"),
+            "train_seconds": trained["train_seconds"], "weight_bytes": trained["weight_bytes"]}
 
 
 def render(result: dict) -> None:
