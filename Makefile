@@ -63,4 +63,4 @@ gptqmodel-venv: $(GPTQ_STAMP)
 
 # a3q's GPTQ against GPTQModel on SmolLM2 (4 bit, group 64): time, perplexity, and a3q's export loaded by transformers
 bench-gptq: setup gptqmodel-venv
-	$(BIN)/python benchmarks/gptq_vs_gptqmodel.py --json out/bench/gptq_vs_gptqmodel.json
+	$(BIN)/python benchmarks/gptq_vs_gptqmodel.py --threads 1 --json out/bench/gptq_vs_gptqmodel.json
