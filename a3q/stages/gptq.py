@@ -140,7 +140,7 @@ class GPTQLayerwise(LayerwiseStage):
             for short, module in layer_linears(graph.model, graph.family, index).items():
                 if isinstance(module, GPTQLinear):
                     layer.quantized[short] = describe_storage(module)
-        record_gptq_config(graph.model, self.config, self.quantized_paths)
+        record_gptq_config(graph.model, self.config, self.quantized_paths, partial_groups=bool(self.kernel_refusals))
         worst = max((e for layer in self.errors for e in layer.values()), default=0.0)
         self.metrics = {
             "bits": self.config.bits,
@@ -155,13 +155,15 @@ class GPTQLayerwise(LayerwiseStage):
         return graph
 
 
-def record_gptq_config(model: Any, config: GPTQConfig, paths: list[str]) -> None:
+def record_gptq_config(model: Any, config: GPTQConfig, paths: list[str], partial_groups: bool = False) -> None:
     """Write what a loader needs into the model config.
 
     ``a3q_gptq`` (read by a3q and by the remote-code modeling file) lists the quantized modules. Dense
     transformers classes also get the standard ``quantization_config`` so plain transformers (with gptqmodel)
     loads the checkpoint; a3q's own classes do not, since transformers would hand them to gptqmodel, whose
-    kernels refuse the partial groups A³ shapes produce.
+    kernels refuse the partial groups A³ shapes produce. A dense model with partial groups (e.g. 576 inputs in groups
+    of 128) names gptqmodel's ``gptq_torch`` backend: its automatically chosen CPU kernel fails on them at the first
+    forward, the torch one computes them correctly.
     """
     from a3q.modeling import is_a3_model
 
@@ -173,6 +175,8 @@ def record_gptq_config(model: Any, config: GPTQConfig, paths: list[str]) -> None
             "desc_act": config.act_order, "sym": config.sym, "damp_percent": config.damp_percent,
             "checkpoint_format": "gptq", "true_sequential": False,
         }
+        if partial_groups:
+            model.config.quantization_config["backend"] = "gptq_torch"
 
 
 @register_layerwise("gptq")

@@ -6,6 +6,7 @@ import copy
 
 import torch
 
+from a3q.arch import describe
 from a3q.calib.layerwise import run_layerwise
 from a3q.engine import plan_passes
 from a3q.recipe import parse_recipe
@@ -69,3 +70,13 @@ def test_first_layer_matches_the_whole_model_pass_and_data_enters_once():
     assert torch.allclose(dequantized, layer_whole.mlp.down_proj.weight, atol=0.02)
     assert [layer.intermediate_size for layer in shared.layers] == [60, 60]
     assert all(layer.quantized.keys() == {"q", "k", "v", "o", "gate", "up", "down"} for layer in shared.layers)
+
+
+def test_dense_export_with_partial_groups_names_the_torch_backend():
+    """48 inputs in groups of 32: gptqmodel's default CPU kernel would refuse them, its torch backend does not."""
+    graph = describe(tiny_llama(kv_heads=2), tokenizer=None, source="tiny")
+    run_layerwise(graph, tokens(), [GPTQLayerwise(GPTQConfig(bits=4, group_size=32))], progress=False)
+    assert graph.model.config.quantization_config["backend"] == "gptq_torch"
+    even = describe(tiny_llama(kv_heads=2), tokenizer=None, source="tiny")
+    run_layerwise(even, tokens(), [GPTQLayerwise(GPTQConfig(bits=4, group_size=16))], progress=False)
+    assert "backend" not in even.model.config.quantization_config
