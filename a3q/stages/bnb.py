@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from a3q.arch import LAYER_PREFIX, LINEAR_PATHS, layer_linears
 from a3q.graph import ModelGraph
 from a3q.registry import StageConfig, register_stage
+from a3q.stages.a3.apply import with_separate_linears
 
 FOUR_BIT_FIELDS = ("double_quant", "compute_dtype", "blocksize")
 INT8_FIELDS = ("threshold",)
@@ -76,17 +77,6 @@ class BnbConfig(StageConfig):
                 f"block {self.blocksize}, compute {self.compute_dtype}")
 
 
-def _with_plain_linears(graph: ModelGraph) -> ModelGraph:
-    """Dense GPT-2 fuses q/k/v into one Conv1D: convert it to a3q's class (same logits) so each linear is its own."""
-    from a3q.modeling import is_a3_model
-
-    if graph.family == "gpt2" and not is_a3_model(graph.model):
-        from a3q.stages.a3.apply import as_a3_graph
-
-        return as_a3_graph(graph)
-    return graph
-
-
 def quantize_graph(graph: ModelGraph, config: BnbConfig) -> tuple[list[str], list[str]]:
     """Replace the decoder linears in place; returns the module paths (quantized, kept in float)."""
     from torch import nn
@@ -118,7 +108,7 @@ def quantize_graph(graph: ModelGraph, config: BnbConfig) -> tuple[list[str], lis
 def bnb(graph: ModelGraph, config: BnbConfig, context) -> ModelGraph:
     from a3q.quant import bnb as bnb_format
 
-    graph = _with_plain_linears(graph)
+    graph = with_separate_linears(graph)
     float_bytes = graph.decoder_linear_bytes()
     float_weights = graph.decoder_linear_params()
     quantized, kept = quantize_graph(graph, config)

@@ -32,6 +32,7 @@ from a3q.quant.gptq import HessianAccumulator, gptq_quantize
 from a3q.quant.gptq_linear import SUPPORTED_BITS, GPTQLinear
 from a3q.quant.gptq_linear import describe as describe_storage
 from a3q.registry import StageConfig, register_layerwise, register_stage
+from a3q.stages.a3.apply import with_separate_linears
 
 #: the input multiple that external GPTQ kernels (gptqmodel's CPU/GPU kernels) need per group
 KERNEL_NOTE = "external GPTQ kernels need in_features % group_size == 0"
@@ -80,6 +81,9 @@ class GPTQLayerwise(LayerwiseStage):
         self.errors: list[dict[str, float]] = []
         self.quantized_paths: list[str] = []
         self.kernel_refusals: list[str] = []
+
+    def begin(self, graph: ModelGraph) -> ModelGraph:
+        return with_separate_linears(graph)
 
     def _targets(self, graph: ModelGraph, index: int) -> list[dict[str, torch.nn.Module]]:
         """The float linears to quantize, grouped by shared input (q/k/v, gate/up): one Hessian per group."""

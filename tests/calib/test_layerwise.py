@@ -80,3 +80,12 @@ def test_dense_export_with_partial_groups_names_the_torch_backend():
     even = describe(tiny_llama(kv_heads=2), tokenizer=None, source="tiny")
     run_layerwise(even, tokens(), [GPTQLayerwise(GPTQConfig(bits=4, group_size=16))], progress=False)
     assert "backend" not in even.model.config.quantization_config
+
+
+def test_gptq_splits_dense_gpt2_and_quantizes_every_projection():
+    from tests.stages.a3.test_pipeline_tiny import tiny_gpt2
+
+    graph = describe(tiny_gpt2(), tokenizer=None, source="tiny")
+    quantized = run_layerwise(graph, tokens(), [GPTQLayerwise(GPTQConfig(bits=8, group_size=16))], progress=False)
+    assert quantized.model.config.model_type == "a3q_gpt2"
+    assert all(layer.quantized.keys() == {"q", "k", "v", "o", "up", "down"} for layer in quantized.layers)

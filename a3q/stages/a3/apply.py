@@ -27,6 +27,12 @@ def as_a3_graph(graph: ModelGraph) -> ModelGraph:
     return converted
 
 
+def with_separate_linears(graph: ModelGraph) -> ModelGraph:
+    """Dense GPT-2 fuses q/k/v into one Conv1D: convert it to a3q's class (same logits) so every projection is its
+    own ``nn.Linear``, as the quantization and LoRA stages need; other models are returned unchanged."""
+    return as_a3_graph(graph) if graph.family == "gpt2" else graph
+
+
 def compress_model(
     graph: ModelGraph,
     statistics: list[LayerStatistics],

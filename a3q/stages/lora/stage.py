@@ -47,6 +47,7 @@ import torch
 from a3q.arch import LAYER_PREFIX, LINEAR_PATHS
 from a3q.graph import ModelGraph
 from a3q.registry import register_stage
+from a3q.stages.a3.apply import with_separate_linears
 from a3q.stages.lora.adapter import with_adapter
 from a3q.stages.lora.config import LoraConfig
 from a3q.stages.lora.train import train, training_windows
@@ -129,10 +130,7 @@ def _evaluate_like(graph: ModelGraph, spec, context) -> dict[str, Any]:
 def lora(graph: ModelGraph, config: LoraConfig, context) -> ModelGraph:
     if graph.adapter is not None:
         raise ValueError("the model already carries an unmerged LoRA adapter; merge it first (merge: true)")
-    if graph.family == "gpt2":  # dense GPT-2 fuses q/k/v in one Conv1D; a3q's class splits them (same logits)
-        from a3q.stages.a3.apply import as_a3_graph
-
-        graph = as_a3_graph(graph)
+    graph = with_separate_linears(graph)
     label = getattr(getattr(context, "spec", None), "label", "lora")
     pool = training_windows(graph.tokenizer, config.corpus, config.split, config.seq_len,
                             config.steps * config.batch_size, config.seed)
