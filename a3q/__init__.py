@@ -9,11 +9,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load(path: str, dtype: str = "float32"):
-    """Load an a3q artifact (or any supported model folder / alias) as a ModelGraph."""
+def load(path: str, dtype: str = "float32", verify: bool = True):
+    """Load an a3q artifact (or any supported model folder / alias) as a ModelGraph.
+
+    An artifact's files are checked against its manifest first (``verify=False`` skips that).
+    """
     from a3q.io.loading import load_graph
 
-    return load_graph(path, dtype)
+    return load_graph(path, dtype, verify=verify)
 
 
 def run(recipe_path: str, output_dir: str | None = None):

@@ -16,8 +16,18 @@ console = Console()
 
 
 def _fail(message: str) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}")
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
     raise typer.Exit(code=2)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Failures that are the input's fault: shown as one line, never as a traceback."""
+    from a3q.io.atomic import TargetBusyError, UnsafeTargetError
+    from a3q.io.manifest import ArtifactError
+    from a3q.numerics import NonFiniteError
+    from a3q.recipe import RecipeError
+
+    return (RecipeError, ArtifactError, NonFiniteError, TargetBusyError, UnsafeTargetError, OSError, ValueError)
 
 
 @app.command()
@@ -36,8 +46,10 @@ def run(
         _fail(str(exc))
     try:
         result = run_recipe(parsed, out)
-    except StageError as exc:
+    except (StageError, RecipeError) as exc:  # report.json says failed, with the reason (and a traceback for bugs)
         _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; report.json says how far the run got")
     console.print(f"report: {result.output_dir / 'report.json'}")
 
 
@@ -57,7 +69,10 @@ def evaluate(
     from a3q.io.loading import load_graph
     from a3q.metrics.perplexity import perplexity
 
-    graph = load_graph(model, dtype)
+    try:
+        graph = load_graph(model, dtype)
+    except _user_errors() as exc:
+        _fail(str(exc))
     windows = sequential_windows(graph.tokenizer, corpus, split, seq_len, max_windows)
     result = perplexity(graph.model, windows)
     payload = {
@@ -77,17 +92,41 @@ def evaluate(
 
 
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="an a3q artifact or HF model folder")) -> None:
+def verify(path: Path = typer.Argument(..., help="an a3q artifact folder")) -> None:
+    """Check every file of an artifact against its manifest (size, then SHA-256); exit 2 naming the first bad one."""
+    from a3q.io.manifest import ArtifactError, verify_artifact
+
+    try:
+        manifest = verify_artifact(path)
+    except (ArtifactError, OSError) as exc:
+        _fail(str(exc))
+    console.print(f"ok: {len(manifest['files'])} files match the manifest of '{path}'")
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="an a3q artifact or HF model folder"),
+    check: bool = typer.Option(False, "--verify", help="also check every file against the manifest"),
+) -> None:
     """Structure (per-layer sizes), sizes and manifest of a saved model, without loading weights."""
     from transformers import AutoConfig
 
     import a3q.modeling  # noqa: F401
     from a3q.arch import layers_from_config
-    from a3q.io.loading import read_manifest
+    from a3q.io.manifest import ArtifactError, read_manifest
+    from a3q.io.model_folder import model_folder_problem
 
-    if not (path / "config.json").is_file():
-        _fail(f"'{path}' has no config.json")
-    config = AutoConfig.from_pretrained(str(path))
+    if not path.is_dir():
+        _fail(f"'{path}' is not a folder")
+    problem = model_folder_problem(path)
+    if problem:
+        _fail(problem)
+    if check:
+        verify(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except _user_errors() as exc:
+        _fail(f"'{path}': {exc}")
     family, hidden, layers = layers_from_config(config)
     table = Table(title=f"{path} ({config.model_type}, family {family})")
     for column in ["layer", "heads / kv", "head dim", "q/k dim", "v/o dim", "intermediate", "rope pairs kept"]:
@@ -101,7 +140,10 @@ def inspect(path: Path = typer.Argument(..., help="an a3q artifact or HF model f
     console.print(table)
     params = sum(layer.linear_params(hidden) for layer in layers)
     console.print(f"decoder linear params: {params:,}")
-    manifest = read_manifest(path)
+    try:
+        manifest = read_manifest(path)
+    except ArtifactError as exc:
+        _fail(str(exc))
     if manifest:
         console.print(f"a3q artifact (format {manifest['format']}, a3q {manifest['a3q_version']})")
         console.print_json(json.dumps({"recipe": manifest.get("recipe"), "report": manifest.get("report")}))

@@ -11,11 +11,17 @@ stages:
 output: out/demo
 ```
 
-Every problem is reported at once, each naming where it is: ``stages[1] (a3): ratio: ...``.
+Every problem is reported at once (up to :data:`MAX_REPORTED_PROBLEMS`), each naming where it is:
+``stages[1] (a3): ratio: ...``.
+
+The reader is strict on purpose: a recipe decides what a long run does, so a typo must fail here, not an hour in.
+Types are not coerced (``ratio: '0.2'`` and ``max_windows: true`` are errors), duplicate keys and YAML aliases are
+refused, and the file must be UTF-8 text of at most :data:`MAX_RECIPE_BYTES`.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,37 +30,44 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from a3q.assets.models import check_model_reference
 from a3q.calib.corpus import CORPORA, SPLITS
-from a3q.registry import StageConfig, get_stage
+from a3q.registry import MAX_SEED, StageConfig, get_stage
 
+
+MAX_RECIPE_BYTES = 1 << 20
+MAX_STAGES = 256
+MAX_REPORTED_PROBLEMS = 20
 
 class RecipeError(ValueError):
-    """A recipe is invalid; the message lists every problem with its location."""
+    """A recipe is invalid; the message lists every problem with its location (the first few, and how many more)."""
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
-        super().__init__("invalid recipe:\n  " + "\n  ".join(problems))
+        shown = problems[:MAX_REPORTED_PROBLEMS]
+        more = len(problems) - len(shown)
+        tail = [f"... and {more} more problem(s)"] if more else []
+        super().__init__("invalid recipe:\n  " + "\n  ".join(shown + tail))
 
 
 class CalibrationConfig(BaseModel):
     """Which windows calibrating stages see: ``windows`` random windows of ``seq_len`` tokens."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     corpus: Literal[CORPORA] = "enwiki"  # type: ignore[valid-type]
     split: Literal[SPLITS] = "calib"  # type: ignore[valid-type]
     windows: int = Field(32, ge=1, le=100_000)
     seq_len: int = Field(512, ge=2, le=1_000_000)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class _RecipeHeader(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str
+    model: str = Field(min_length=1, max_length=4096)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     calibration: CalibrationConfig = CalibrationConfig()
-    stages: list[dict[str, Any]] = Field(min_length=1)
-    output: str | None = None
+    stages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_STAGES)
+    output: str | None = Field(None, min_length=1, max_length=4096)
 
 
 class StageSpec(BaseModel):
@@ -120,8 +133,14 @@ def _check_order(stages: list[StageSpec]) -> list[str]:
     problems = []
     quantized_by: StageSpec | None = None
     adapter_by: StageSpec | None = None
+    factored_by: StageSpec | None = None
     for spec in stages:
         cls = type(spec.config)
+        if factored_by is not None and not cls.accepts_factored_linears:
+            problems.append(f"{spec.label}: cannot work on the two-factor low-rank linears of {factored_by.label}; "
+                            "put it before that stage, or use a3 instead of a factoring baseline")
+        if cls.produces_factored_linears and factored_by is None:
+            factored_by = spec
         if adapter_by is not None and (cls.produces_quantized_weights or cls.requires_float_weights):
             problems.append(f"{spec.label}: would change the linears under the unmerged adapter of {adapter_by.label} "
                             "(and drop it); set merge: true there, or put this stage before it")
@@ -149,6 +168,7 @@ def parse_recipe(raw: Any, check_model: bool = True) -> Recipe:
         header = None
     stages: list[StageSpec] = []
     raw_stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    raw_stages = raw_stages[:MAX_STAGES]  # more is already an error of the header
     for index, raw_stage in enumerate(raw_stages):
         spec, stage_problems = _parse_stage(index, raw_stage)
         problems.extend(stage_problems)
@@ -156,7 +176,7 @@ def parse_recipe(raw: Any, check_model: bool = True) -> Recipe:
             stages.append(spec)
     if not problems:
         problems.extend(_check_order(stages))
-    if header is not None and check_model:
+    if header is not None and check_model and not any(p.startswith("model:") for p in problems):
         reason = check_model_reference(header.model)
         if reason:
             problems.append(f"model: {reason}")
@@ -172,13 +192,60 @@ def parse_recipe(raw: Any, check_model: bool = True) -> Recipe:
     )
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys and aliases, and reads ``1e-6`` as a number (YAML 1.2)."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 (PyYAML's signature)
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "YAML aliases (*name) are not supported in recipes; write the value out", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (a later value would silently win)", key_node.start_mark
+                )
+            seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+        return super().construct_mapping(node, deep=deep)
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_recipe_text(text: str, where: str = "recipe") -> Any:
+    """Parse recipe text with the strict loader; problems become a :class:`RecipeError`."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"{where}: not valid YAML: {exc}"]) from None
+    except RecursionError:
+        raise RecipeError([f"{where}: nested too deeply"]) from None
+
+
 def load_recipe(path: str | Path, check_model: bool = True) -> Recipe:
     """Read and validate a YAML/JSON recipe file (JSON is YAML, so one loader serves both)."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError([f"recipe file '{path}' does not exist"])
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError([f"{path}: not valid YAML: {exc}"]) from exc
-    return parse_recipe(raw, check_model=check_model)
+        if not path.is_file():
+            raise RecipeError([f"recipe file '{path}' does not exist"])
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError([f"{path}: {size:,} bytes; a recipe may have at most {MAX_RECIPE_BYTES:,}"])
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError([f"recipe file '{path}': {exc.strerror or exc}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
+    return parse_recipe(read_recipe_text(text, str(path)), check_model=check_model)

@@ -19,9 +19,10 @@ if TYPE_CHECKING:
 
 
 class StageConfig(BaseModel):
-    """Base of every stage's config: unknown keys are errors, values are checked on assignment."""
+    """Base of every stage's config: unknown keys are errors, types are not coerced (``'0.2'`` is not a number,
+    ``true`` is not an integer), values are checked on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, frozen=False)
 
     #: whether the engine must provide calibration windows to this stage
     needs_calibration: ClassVar[bool] = False
@@ -29,6 +30,19 @@ class StageConfig(BaseModel):
     produces_quantized_weights: ClassVar[bool] = False
     #: whether this stage needs float (unquantized) linear weights as input
     requires_float_weights: ClassVar[bool] = False
+    #: whether this stage replaces linears by two-factor low-rank modules (the baselines)
+    produces_factored_linears: ClassVar[bool] = False
+    #: whether this stage works on a model whose linears are two-factor modules (most rewriting stages do not)
+    accepts_factored_linears: ClassVar[bool] = True
+
+    def artifact_target(self) -> str | None:
+        """The folder this stage writes an artifact to, if it does (so the engine can check it against the run)."""
+        return None
+
+    def text_demands(self, label: str) -> list[tuple[str, str, str, int, int]]:
+        """``(field, corpus, split, windows, seq_len)`` for the token windows this stage will cut, so the engine can
+        check before the model loads that the corpus holds them; ``field`` is prefixed with ``label``."""
+        return []
 
     def keeps_adapter(self) -> bool:
         """Whether this stage leaves an unmerged adapter on the model (later stages must not rewrite its linears)."""
@@ -41,6 +55,9 @@ class StageConfig(BaseModel):
         """
         return []
 
+
+MAX_SEED = 2**63 - 1
+"""Seeds must fit torch's 64-bit generators."""
 
 StageFunction = Callable[["ModelGraph", StageConfig, "StageContext"], "ModelGraph"]
 

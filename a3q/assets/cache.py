@@ -1,20 +1,17 @@
-"""Where a3q keeps prepared offline assets, and how it writes folders atomically.
+"""Where a3q keeps prepared offline assets.
 
-Assets (the converted model, the cleaned corpus) are derived from pip-installed files once and
-cached. Every folder is written into a temporary sibling first and renamed into place, so an
-interrupted run never leaves a half-written model behind.
+Assets (the converted model, the cleaned corpus) are derived from pip-installed files once and cached. Folders and
+files are written atomically by :mod:`a3q.io.atomic` (re-exported here for the asset code).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+
+from a3q.io.atomic import atomic_directory, write_json_atomic
+
+__all__ = ["atomic_directory", "cache_dir", "write_json_atomic"]
 
 
 def cache_dir() -> Path:
@@ -22,42 +19,3 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("A3Q_CACHE_DIR", Path.home() / ".cache" / "a3q"))
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-@contextlib.contextmanager
-def atomic_directory(target: Path | str) -> Iterator[Path]:
-    """Yield a temporary folder that replaces ``target`` only if the block completes.
-
-    An existing ``target`` is moved aside and deleted only after the new folder is in place, so
-    at every instant either the old or the new complete folder exists.
-    """
-    target = Path(target).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json_atomic(path: Path | str, payload: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -71,12 +71,15 @@ def resolve_model_path(model: str) -> Path:
 
 
 def check_model_reference(model: str) -> str | None:
-    """Return why ``model`` cannot be loaded, or None: used by recipe validation (no loading)."""
+    """Return why ``model`` cannot be loaded, or None: used by recipe validation (no model loading)."""
+    from a3q.io.model_folder import model_folder_problem
+
     if model in MODEL_ALIASES:
         return None
-    folder = Path(model)
-    if not folder.is_dir():
-        return f"'{model}' is neither a known alias ({', '.join(MODEL_ALIASES)}) nor an existing folder"
-    if not (folder / "config.json").is_file():
-        return f"folder '{model}' has no config.json (not a Hugging Face model folder)"
-    return None
+    try:
+        folder = Path(model)
+        if not folder.is_dir():
+            return f"'{model}' is neither a known alias ({', '.join(MODEL_ALIASES)}) nor an existing folder"
+        return model_folder_problem(folder)
+    except OSError as exc:  # a name too long for the file system, a folder we may not read, ...
+        return f"'{model[:200]}': {exc.strerror or exc}"

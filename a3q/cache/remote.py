@@ -5,11 +5,16 @@ the model class asks for it. The artifact therefore gets two small files: ``a3q_
 :mod:`a3q.cache.quantized`, torch + transformers only) and ``modeling_a3q_kv.py``, a subclass of the model's class
 whose ``_prepare_cache_for_generation`` builds that cache from ``generation_config.a3q_kv_cache``; ``auto_map``
 points ``AutoModelForCausalLM`` at the subclass.
+
+The generated file is filled from a fixed template with identifiers a3q itself chose and checked: the base class is
+either a3q's own modeling class (from :func:`a3q.modeling.remote_code_entry`) or a class that transformers itself
+exports. Nothing read from the input model's files (its ``config.json``'s ``auto_map``, say) reaches the code.
 """
 
 from __future__ import annotations
 
 import json
+import keyword
 import shutil
 from pathlib import Path
 from typing import Any
@@ -41,18 +46,33 @@ class {cls}(_Base):
 '''
 
 
+def _identifier(name: str) -> str:
+    if not (name.isidentifier() and name.isascii() and not keyword.iskeyword(name)):
+        raise ValueError(f"refusing to generate code with {name!r}: not a plain Python identifier")
+    return name
+
+
+def _base_class_import(model: Any) -> tuple[str, str]:
+    """``(import line, base class name)`` for the subclass, from identifiers a3q checked."""
+    import transformers
+
+    from a3q.modeling import is_a3_model, remote_code_entry
+
+    if is_a3_model(model):  # a3q's own class, shipped as remote code next to this file
+        stem, base = remote_code_entry(model.config.model_type)
+        return f"from .{_identifier(stem)} import {_identifier(base)} as _Base", base
+    base = _identifier(type(model).__name__)
+    if getattr(transformers, base, None) is not type(model):
+        raise ValueError(f"cannot ship a quantized-KV subclass of {type(model).__module__}.{base}: not a transformers class")
+    return f"from transformers import {base} as _Base", base
+
+
 def write_remote_cache_code(model: Any, directory: Path) -> None:
     """Add the two files and point ``auto_map["AutoModelForCausalLM"]`` at the cache-aware subclass."""
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
     auto_map = dict(config.get("auto_map") or {})
-    current = auto_map.get("AutoModelForCausalLM")
-    if current:  # a3q's own class, shipped as remote code next to this file
-        stem, base = current.split(".")
-        base_import = f"from .{stem} import {base} as _Base"
-    else:  # a transformers class
-        base = type(model).__name__
-        base_import = f"from transformers import {base} as _Base"
+    base_import, base = _base_class_import(model)
     cls = f"{base}WithQuantizedKV"
     shutil.copyfile(quantized.__file__, directory / CACHE_FILE)
     (directory / MODELING_FILE).write_text(_TEMPLATE.format(cls=cls, base_import=base_import))

@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from a3q.arch import decoder_layers
+from a3q.arch import LAYER_PREFIX, decoder_layers
 from a3q.graph import ModelGraph
+from a3q.numerics import check_activations_finite, check_module_finite
 
 
 class LayerwiseStage:
@@ -131,7 +132,10 @@ def run_layerwise(
                         handle.remove()
             stage.process(graph, index)
             stage.seconds += time.perf_counter() - started
+            layer = decoder_layers(graph.model, graph.family)[index]
+            check_module_finite(layer, f"{stage.name}, layer {index}", prefix=LAYER_PREFIX[graph.family].format(index=index))
         inputs.hidden = _run_layer(decoder_layers(graph.model, graph.family)[index], inputs)
+        check_activations_finite(inputs.hidden, f"{names}: output of layer {index}")
     for stage in stages:
         started = time.perf_counter()
         graph = stage.finish(graph)

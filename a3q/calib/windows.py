@@ -53,3 +53,18 @@ def random_windows(
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(available.shape[0], generator=generator)[:windows]
     return available[order.sort().values]
+
+
+def window_shortfalls(tokenizer, demands: list[tuple[str, str, str, int, int]]) -> list[str]:
+    """For each ``(where, corpus, split, windows, seq_len)`` asking for more windows than the split holds, a problem
+    naming ``where`` and how many there are."""
+    problems = []
+    for where, corpus, split, windows, seq_len in demands:
+        tokens = token_stream(tokenizer, corpus, split).numel()
+        available = tokens // seq_len
+        if windows > available:
+            problems.append(
+                f"{where}: {corpus}/{split} has {tokens:,} tokens, i.e. {available} windows of {seq_len}; "
+                f"{windows} asked for (lower the windows or seq_len)"
+            )
+    return problems

@@ -9,34 +9,31 @@ every file, so an artifact says exactly what produced it.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from a3q import __version__
-from a3q.assets.cache import atomic_directory, write_json_atomic
 from a3q.graph import ModelGraph
-from a3q.io.loading import MANIFEST_NAME, read_manifest
-
-FORMAT_VERSION = 1
-
-
-class ArtifactExistsError(FileExistsError):
-    """The target folder exists and is not an a3q artifact, so it is not ours to replace."""
+from a3q.io.atomic import UnsafeTargetError, atomic_directory, write_json_atomic
+from a3q.io.manifest import FORMAT_VERSION, MANIFEST_NAME, file_records, replace_refusal, seal
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class ArtifactExistsError(UnsafeTargetError, FileExistsError):
+    """The target exists and is not an a3q artifact, so it is not ours to replace."""
 
 
-def check_target(path: Path) -> None:
-    """Refuse to replace a non-empty folder that a3q did not write."""
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and read_manifest(path) is None)):
-        raise ArtifactExistsError(f"'{path}' exists and is not an a3q artifact; refusing to overwrite it")
+def check_target(path: Path | str) -> Path:
+    """The resolved target of an export; refuse a non-empty folder that is not an a3q artifact.
+
+    Resolving first matters: ``out/missing/../v`` is ``out/v``, and the check must look at the folder the write
+    would replace. The same test runs again under the write lock, just before the swap.
+    """
+    resolved = Path(path).resolve()
+    if resolved.exists() or resolved.is_symlink():
+        reason = replace_refusal(resolved)
+        if reason:
+            raise ArtifactExistsError(reason)
+    return resolved
 
 
 def _adapter_set_aside(graph: ModelGraph, staging: Path, path: Path):
@@ -46,33 +43,59 @@ def _adapter_set_aside(graph: ModelGraph, staging: Path, path: Path):
     return adapter_set_aside(graph, staging, path)
 
 
+def _model_bytes(graph: ModelGraph) -> int:
+    tensors = list(graph.model.parameters()) + list(graph.model.buffers())
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
 def save_artifact(graph: ModelGraph, path: str | Path, recipe: dict[str, Any] | None, report: list[dict]) -> Path:
-    """Write ``graph`` as an artifact at ``path`` (atomically) and return the path."""
+    """Write ``graph`` as an artifact at ``path`` (atomically, under a lock) and return the resolved path."""
     from a3q.modeling import is_a3_model, save_with_remote_code
 
-    path = Path(path)
-    check_target(path)
-    with atomic_directory(path) as staging:
+    path = check_target(path)
+
+    def may_replace(target: Path) -> str | None:
+        return replace_refusal(target)
+
+    with atomic_directory(path, may_replace=may_replace, expected_bytes=_model_bytes(graph)) as staging:
         with _adapter_set_aside(graph, staging, path):  # base weights without LoRA layers; the adapter goes to adapter/
             if is_a3_model(graph.model):
                 save_with_remote_code(graph.model, staging)
             else:
-                graph.model.save_pretrained(staging)
+                _save_transformers_model(graph.model, staging)
         graph.tokenizer.save_pretrained(staging)
         if graph.kv_cache is not None:  # quantized cache: generate() uses it without a3q too
             from a3q.cache.remote import write_remote_cache_code
 
             write_remote_cache_code(graph.model, staging)
-        files = {f.relative_to(staging).as_posix(): _sha256(f) for f in sorted(staging.rglob("*")) if f.is_file()}
         write_json_atomic(
             staging / MANIFEST_NAME,
-            {
-                "format": FORMAT_VERSION,
-                "a3q_version": __version__,
-                "recipe": recipe,
-                "report": report,
-                "structure": graph.structure(),
-                "files": files,
-            },
+            seal(
+                {
+                    "format": FORMAT_VERSION,
+                    "a3q_version": __version__,
+                    "recipe": recipe,
+                    "report": report,
+                    "structure": graph.structure(),
+                    "files": file_records(staging),
+                }
+            ),
         )
     return path
+
+
+def _save_transformers_model(model: Any, staging: Path) -> None:
+    """``save_pretrained`` for a model of a transformers class, without an ``auto_map`` inherited from its input.
+
+    An input folder may name remote code in ``config.auto_map``; a3q loaded it with transformers' own class and does
+    not ship that code, so keeping the entry would point a ``trust_remote_code`` loader at files that are not there
+    (or that someone adds later).
+    """
+    auto_map = getattr(model.config, "auto_map", None)
+    if auto_map is not None:
+        del model.config.auto_map
+    try:
+        model.save_pretrained(staging)
+    finally:
+        if auto_map is not None:
+            model.config.auto_map = auto_map

@@ -1,4 +1,9 @@
-"""Load a model reference (alias, HF folder, or a3q artifact) into a ModelGraph, offline."""
+"""Load a model reference (alias, HF folder, or a3q artifact) into a ModelGraph, offline.
+
+An a3q artifact is checked against its manifest first (every file's size and SHA-256, and the manifest's own seal;
+see :mod:`a3q.io.manifest`); ``verify=False`` skips that for speed. Weights are read from safetensors only: a3q
+never unpickles a file.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +15,32 @@ import torch
 
 from a3q.arch import describe
 from a3q.assets.models import resolve_model_path
+from a3q.io.manifest import MANIFEST_NAME, ArtifactError, read_manifest, verify_artifact
 
-MANIFEST_NAME = "a3q.json"
+__all__ = ["DTYPES", "MANIFEST_NAME", "ArtifactError", "load_graph", "read_manifest"]
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def read_manifest(path: Path | str) -> dict | None:
-    """The a3q manifest of an artifact folder, or None for a plain Hugging Face folder."""
-    manifest = Path(path) / MANIFEST_NAME
-    return json.loads(manifest.read_text()) if manifest.is_file() else None
+def _written_by_a3q(config: dict) -> bool:
+    """Whether a config.json says a3q wrote the folder (so it must have a manifest)."""
+    from a3q.modeling import A3_MODEL_TYPES
+
+    auto_map = config.get("auto_map") or {}
+    names = auto_map.values() if isinstance(auto_map, dict) else []
+    return (
+        config.get("model_type") in A3_MODEL_TYPES
+        or bool(config.get("a3q_gptq") or config.get("a3q_factorized"))
+        or any(isinstance(name, str) and "a3q" in name for name in names)
+    )
 
 
-def load_graph(reference: str | Path, dtype: str = "float32"):
+def load_graph(reference: str | Path, dtype: str = "float32", verify: bool = True):
     """Load ``reference`` into a :class:`~a3q.graph.ModelGraph` without touching any hub.
 
     a3q's own model classes are registered with transformers first, so artifacts written by
-    a3q load in-process without ``trust_remote_code``.
+    a3q load in-process without ``trust_remote_code``. With ``verify`` (the default) an artifact whose files do not
+    match its manifest, or an a3q-written folder without one, is refused with the file named.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -33,24 +48,29 @@ def load_graph(reference: str | Path, dtype: str = "float32"):
     import a3q.modeling  # noqa: F401  (registers a3q model classes with the Auto classes)
 
     path = resolve_model_path(str(reference))
+    manifest = read_manifest(path)
     config = _config_dict(path)
+    if verify and manifest is not None:
+        verify_artifact(path, manifest)
+    elif verify and _written_by_a3q(config):
+        raise ArtifactError(f"{Path(path) / MANIFEST_NAME}: missing, but config.json says a3q wrote this folder "
+                            "(pass verify=False to load it unchecked)")
     if config.get("a3q_factorized") or config.get("a3q_gptq"):
         model = _load_rebuilt(path, config, DTYPES[dtype])
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], use_safetensors=True)
     model.eval()
     from a3q.quant.bnb import adopt_loaded_model  # bitsandbytes linears: a3q's CPU path (see a3q.quant.bnb)
 
     adopt_loaded_model(model)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    manifest = read_manifest(path)
     history = manifest.get("structure", {}).get("history", []) if manifest else []
     graph = describe(model, tokenizer, source=str(reference), history=history)
     _describe_storage(graph)
     if manifest:
         structure = manifest.get("structure", {})
         graph.kv_cache_bits = structure.get("kv_cache_bits")
-        # the quantized-cache setting is also in generation_config.json; the manifest is the record that counts
+        # the quantized-cache setting is also in generation_config.json; the (sealed) manifest is the record that counts
         if structure.get("kv_cache") or graph.kv_cache is not None:
             graph.set_kv_cache(structure.get("kv_cache"))
     if (Path(path) / "adapter" / "adapter_config.json").is_file():  # an unmerged LoRA adapter, in PEFT's format
@@ -62,7 +82,13 @@ def load_graph(reference: str | Path, dtype: str = "float32"):
 
 def _config_dict(path: Path) -> dict:
     config_file = Path(path) / "config.json"
-    return json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if not config_file.is_file():
+        return {}
+    try:
+        config = json.loads(config_file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"{config_file}: not valid JSON ({exc})") from None
+    return config if isinstance(config, dict) else {}
 
 
 def _describe_storage(graph) -> None:
@@ -90,14 +116,14 @@ def _load_rebuilt(path: Path, config_dict: dict, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from a3q.quant.gptq_linear import replace_with_gptq_linears
-    from a3q.stages.baselines.common import rebuild_factored_modules
+    from a3q.modeling.a3q_factored_linear import replace_with_factored_linears
 
     config = AutoConfig.from_pretrained(str(path))
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if config_dict.get("a3q_factorized"):
-        rebuild_factored_modules(model, config_dict["a3q_factorized"])
+        replace_with_factored_linears(model, config_dict["a3q_factorized"])
     if config_dict.get("a3q_gptq"):
         replace_with_gptq_linears(model, config_dict["a3q_gptq"])
     state: dict[str, torch.Tensor] = {}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
-from a3q.modeling import a3q_bnb_cpu, a3q_gptq_linear, modeling_a3q_gpt2, modeling_a3q_llama
+from a3q.modeling import a3q_bnb_cpu, a3q_factored_linear, a3q_gptq_linear, modeling_a3q_gpt2, modeling_a3q_llama
 from a3q.modeling.modeling_a3q_gpt2 import A3GPT2Config, A3GPT2ForCausalLM, A3GPT2Model
 from a3q.modeling.modeling_a3q_llama import A3LlamaConfig, A3LlamaForCausalLM, A3LlamaModel
 
@@ -26,6 +26,7 @@ __all__ = [
     "register_auto_classes",
     "save_with_remote_code",
     "is_a3_model",
+    "remote_code_entry",
     "to_a3_model",
     "a3_config_from_dense",
     "a3_model_from_state_dict",
@@ -61,6 +62,12 @@ def is_a3_model(model: object) -> bool:
     return getattr(config, "model_type", None) in A3_MODEL_TYPES
 
 
+def remote_code_entry(model_type: str) -> tuple[str, str]:
+    """``(modeling file stem, causal-LM class name)`` that a3q ships for ``model_type``."""
+    module, _, lm_name = _REMOTE_CODE[model_type]
+    return Path(module.__file__).stem, lm_name
+
+
 def save_with_remote_code(model: PreTrainedModel, directory: str | Path) -> Path:
     """Save ``model`` (safetensors) plus its modeling file, loadable with ``trust_remote_code=True`` without a3q.
 
@@ -79,8 +86,8 @@ def save_with_remote_code(model: PreTrainedModel, directory: str | Path) -> Path
     }
     model.save_pretrained(directory)
     shutil.copyfile(module.__file__, directory / f"{stem}.py")
-    # the modeling file imports these (relative imports): GPTQ linears rebuilt from config.a3q_gptq, and the
-    # exact CPU path for bitsandbytes 4-bit linears
-    for helper in (a3q_gptq_linear, a3q_bnb_cpu):
+    # the modeling file imports these (relative imports): factored and GPTQ linears rebuilt from config.a3q_factorized
+    # / config.a3q_gptq, and the exact CPU path for bitsandbytes 4-bit linears
+    for helper in (a3q_factored_linear, a3q_gptq_linear, a3q_bnb_cpu):
         shutil.copyfile(helper.__file__, directory / Path(helper.__file__).name)
     return directory

@@ -41,6 +41,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .a3q_bnb_cpu import bitsandbytes_cpu_hook
+from .a3q_factored_linear import replace_with_factored_linears
 from .a3q_gptq_linear import replace_with_gptq_linears
 
 __all__ = [
@@ -310,6 +311,8 @@ class A3LlamaForCausalLM(A3LlamaPreTrainedModel, LlamaForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        if getattr(config, "a3q_factorized", None):  # two-factor linears of the low-rank baselines (svd, asvd, svd_llm)
+            replace_with_factored_linears(self, config.a3q_factorized)
         if getattr(config, "a3q_gptq", None):  # GPTQ-quantized linears (a3q's gptq stage): codes come with the weights
             replace_with_gptq_linears(self, config.a3q_gptq)
         # bitsandbytes 4-bit linears on CPU: exact for A³'s odd shapes (see a3q_bnb_cpu.py); a no-op otherwise

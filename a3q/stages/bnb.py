@@ -33,7 +33,6 @@ from a3q.stages.a3.apply import with_separate_linears
 
 FOUR_BIT_FIELDS = ("double_quant", "compute_dtype", "blocksize")
 INT8_FIELDS = ("threshold",)
-_LOW_RANK = ("svd", "asvd", "svd_llm")
 
 
 class BnbConfig(StageConfig):
@@ -41,6 +40,7 @@ class BnbConfig(StageConfig):
 
     produces_quantized_weights = True
     requires_float_weights = True
+    accepts_factored_linears = False
 
     quant_type: Literal["nf4", "fp4", "int8"] = "nf4"
     double_quant: bool = True
@@ -62,12 +62,6 @@ class BnbConfig(StageConfig):
 
     def check_in_recipe(self, earlier: list[Any]) -> list[str]:
         problems = []
-        if any(spec.name in _LOW_RANK for spec in earlier):
-            problems.append("bnb quantizes plain linears; it cannot follow a low-rank baseline (svd, asvd, svd_llm)")
-        unmerged = next((spec for spec in earlier if spec.name == "lora" and not spec.config.merge), None)
-        if unmerged is not None:
-            problems.append(f"{unmerged.label} leaves an unmerged adapter; quantize first (put bnb before lora) "
-                            "or set merge: true there")
         return problems
 
     def short_note(self) -> str:

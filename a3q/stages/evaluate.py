@@ -25,6 +25,10 @@ class EvaluateConfig(StageConfig):
     cache_chunk: int | None = Field(None, ge=1)
 
 
+    def text_demands(self, label: str) -> list[tuple[str, str, str, int, int]]:
+        return [(f"{label}: max_windows", self.corpus, self.split, self.max_windows or 1, self.seq_len)]
+
+
 @register_stage("evaluate", EvaluateConfig)
 def evaluate(graph, config: EvaluateConfig, context):
     windows = sequential_windows(graph.tokenizer, config.corpus, config.split, config.seq_len, config.max_windows)

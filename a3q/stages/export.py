@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pydantic import Field
 
 from a3q.io.artifact import ArtifactExistsError, check_target, save_artifact
 from a3q.registry import StageConfig, register_stage
 
 
 class ExportConfig(StageConfig):
-    """``path``: the artifact folder (relative paths resolve against the working directory)."""
+    """``path``: the artifact folder (relative paths resolve against the working directory, once, before the check
+    and the write, so ``..`` cannot make them differ)."""
 
-    path: str
+    path: str = Field(min_length=1, max_length=4096)
+
+    def artifact_target(self) -> str | None:
+        return self.path
 
     def check_in_recipe(self, earlier) -> list[str]:
         try:
-            check_target(Path(self.path))
+            check_target(self.path)
         except ArtifactExistsError as exc:
             return [f"path: {exc}"]
+        except OSError as exc:
+            return [f"path: '{self.path[:200]}': {exc.strerror or exc}"]
         return []
 
 

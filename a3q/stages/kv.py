@@ -79,6 +79,11 @@ class KVConfig(StageConfig):
         problems = []
         for spec in earlier:
             config = spec.config
+            if self.reduces_ranks() and type(config).produces_factored_linears:
+                problems.append(
+                    f"kv_ratio: reducing KV ranks needs the q/k/v/o linears that {spec.label} factored into two "
+                    "low-rank pieces; put this stage before it, or keep only bits here"
+                )
             if self.reduces_ranks() and type(config).produces_quantized_weights:
                 problems.append(
                     f"kv_ratio: reducing KV ranks needs float weights but {spec.label} quantized them; "

@@ -17,7 +17,7 @@ def test_dense_export_reloads_with_identical_logits(smollm2, tmp_path):
     assert manifest["recipe"] == {"model": "smollm2-135m"}
     assert manifest["structure"]["family"] == "llama"
     assert len(manifest["structure"]["layers"]) == 30
-    assert "model.safetensors" in manifest["files"] and len(manifest["files"]["model.safetensors"]) == 64
+    assert "model.safetensors" in manifest["files"] and len(manifest["files"]["model.safetensors"]["sha256"]) == 64
     assert not list(tmp_path.glob(".dense*")), "staging folder left behind"
 
     reloaded = a3q.load(str(path))
@@ -30,12 +30,19 @@ def test_dense_export_reloads_with_identical_logits(smollm2, tmp_path):
 
 
 def test_reexport_replaces_artifact_but_foreign_folder_is_refused(smollm2, tmp_path):
-    target = tmp_path / "art"
-    target.mkdir()
-    (target / "a3q.json").write_text("{}")
-    (target / "stale.bin").write_text("old")
-    save_artifact(smollm2, target, recipe=None, report=[])
-    assert not (target / "stale.bin").exists()
+    target = save_artifact(smollm2, tmp_path / "art", recipe={"v": 1}, report=[])
+    (target / "README.md").write_text("model card")  # sharing adds one; it does not make the folder foreign
+    save_artifact(smollm2, target, recipe={"v": 2}, report=[])
+    assert json.loads((target / "a3q.json").read_text())["recipe"] == {"v": 2}
+    assert not (target / "README.md").exists()
+
+    forged = tmp_path / "forged"  # an a3q.json alone does not make a folder ours: its files must all be listed
+    forged.mkdir()
+    (forged / "a3q.json").write_text('{"files": {}}')
+    (forged / "thesis.tex").write_text("years of work")
+    with pytest.raises(ArtifactExistsError, match="did not export"):
+        save_artifact(smollm2, forged, recipe=None, report=[])
+    assert (forged / "thesis.tex").read_text() == "years of work"
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -42,6 +42,7 @@ class A3Config(StageConfig):
 
     needs_calibration = True
     requires_float_weights = True
+    accepts_factored_linears = False
 
     ratio: float | None = Field(None, ge=0.0, lt=1.0)
     qk: float | None = Field(None, ge=0.0, lt=1.0)
@@ -61,8 +62,6 @@ class A3Config(StageConfig):
     probe_seq_len: int = Field(256, ge=2)
 
     def check_in_recipe(self, earlier) -> list[str]:
-        if any(spec.name in ("svd", "asvd", "svd_llm") for spec in earlier):
-            return ["a3 needs dense linears; it cannot follow a low-rank baseline (svd, asvd, svd_llm)"]
         kv_ranks = [spec for spec in earlier if spec.name == "kv" and spec.config.reduces_ranks()]
         if kv_ranks and ("qk" in self.components or "ov" in self.components):
             return [f"a3 reduces q/k or v/o ranks after {kv_ranks[0].label} already did: put a3 first (kv budgets are relative to the cache a3 leaves)"]

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from a3q.arch import LAYER_PREFIX, LINEAR_PATHS, layer_linears
 from a3q.graph import ModelGraph
+from a3q.modeling.a3q_factored_linear import LowRankLinear
 from a3q.registry import StageConfig
 
 FACTORIZED_CONFIG_KEY = "a3q_factorized"
@@ -26,30 +27,6 @@ FACTORIZED_CONFIG_KEY = "a3q_factorized"
 
 # Linears that read the same tensor share one statistic (q/k/v read the attention input, gate/up the MLP input).
 _SHARED_INPUT = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in", "gate": "mlp_in", "up": "mlp_in", "down": "down_in"}
-
-
-class LowRankLinear(nn.Module):
-    """``W ≈ B A`` as two ``nn.Linear``: ``first`` (in → rank, no bias) then ``second`` (rank → out, W's bias)."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, dtype=None, device=None) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.first = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
-        self.second = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.second(self.first(x))
-
-    @property
-    def weight(self) -> Tensor:
-        """The dense product ``B A`` (for inspection and tests; the forward never builds it)."""
-        return self.second.weight @ self.first.weight
-
-    @classmethod
-    def like(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
-        """An uninitialised replacement for ``linear`` with the same shape, dtype and device."""
-        weight = linear.weight
-        return cls(linear.in_features, linear.out_features, rank, linear.bias is not None, weight.dtype, weight.device)
 
 
 class BaselineConfig(StageConfig):
@@ -62,6 +39,8 @@ class BaselineConfig(StageConfig):
 
     needs_calibration = True
     requires_float_weights = True
+    produces_factored_linears = True
+    accepts_factored_linears = False  # one factorisation per model
 
     ratio: float | None = Field(None, ge=0.0, lt=1.0)
     rank: int | None = Field(None, ge=1)
@@ -72,12 +51,6 @@ class BaselineConfig(StageConfig):
         if (self.ratio is None) == (self.rank is None):
             raise ValueError("set exactly one of ratio or rank")
         return self
-
-    def check_in_recipe(self, earlier) -> list[str]:
-        names = {"svd", "asvd", "svd_llm"}
-        if any(spec.name in names for spec in earlier):
-            return ["a model can be factored by one low-rank baseline only"]
-        return []
 
 
 def factor_rank(fan_in: int, fan_out: int, ratio: float) -> int:
@@ -202,20 +175,16 @@ def factorize_model(
     return replace(graph, model=model, layers=layers, history=list(graph.history))
 
 
-def rebuild_factored_modules(model: nn.Module, factored: dict[str, int]) -> None:
-    """Swap the dense linears named in ``factored`` for empty :class:`LowRankLinear` of the recorded rank (loader)."""
-    for path, rank in factored.items():
-        model.set_submodule(path, LowRankLinear.like(model.get_submodule(path), int(rank)))
-
-
 def run_baseline(graph: ModelGraph, config: BaselineConfig, context, factorize: Factorizer, needs: str | None) -> ModelGraph:
     """Shared stage body: statistics (``needs``: None, ``mean_abs`` or ``second_moment``), factorise, report."""
     import time
 
-    if graph.family == "gpt2":
-        from a3q.stages.a3.apply import as_a3_graph
+    from a3q.stages.a3.apply import as_a3_graph
 
-        graph = as_a3_graph(graph)  # dense GPT-2 fuses q/k/v into one Conv1D; a3q's class has plain linears
+    # a3q's own classes (same logits at full rank): separate q/k/v linears for GPT-2, and a model class whose
+    # constructor rebuilds the factored linears, so the artifact loads right under trust_remote_code and cannot be
+    # mistaken by plain transformers for a dense model with missing weights
+    graph = as_a3_graph(graph)
     params_before = graph.decoder_linear_params()
     started = time.perf_counter()
     statistics = None

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from a3q.calib.corpus import CORPORA, SPLITS
-from a3q.registry import StageConfig
+from a3q.registry import MAX_SEED, StageConfig
 
 #: a3q's short names of a decoder layer's linears (see :data:`a3q.arch.LINEAR_PATHS`)
 LinearName = Literal["q", "k", "v", "o", "gate", "up", "down"]
@@ -15,6 +15,8 @@ LinearName = Literal["q", "k", "v", "o", "gate", "up", "down"]
 
 class LoraConfig(StageConfig):
     """LoRA through PEFT; see :mod:`a3q.stages.lora` for what each field does."""
+
+    accepts_factored_linears = False  # PEFT adapts nn.Linear (and quantized linears), not two-factor modules
 
     r: int = Field(8, ge=1, le=4096)
     alpha: float = Field(16.0, gt=0.0)
@@ -25,7 +27,7 @@ class LoraConfig(StageConfig):
     steps: int = Field(300, ge=1, le=1_000_000)
     batch_size: int = Field(1, ge=1, le=4096)
     seq_len: int = Field(256, ge=2, le=1_000_000)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     gradient_checkpointing: bool = False
     merge: bool = False
     corpus: Literal[CORPORA] = "enwiki"  # type: ignore[valid-type]
@@ -44,6 +46,9 @@ class LoraConfig(StageConfig):
         if names is not None and len(set(names)) != len(names):
             raise ValueError("each linear may appear once")
         return names
+
+    def text_demands(self, label: str) -> list[tuple[str, str, str, int, int]]:
+        return [(f"{label}: seq_len", self.corpus, self.split, 1, self.seq_len)]  # the pool is reused when short
 
     def keeps_adapter(self) -> bool:
         return not self.merge

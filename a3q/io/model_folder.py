@@ -1,0 +1,111 @@
+"""Checks on a model folder that cost no model load: run by recipe validation, before anything heavy.
+
+A folder that would fail an hour into a run (or, worse, load half-initialised) is refused here with one line naming
+the file: a ``config.json`` that is not JSON or names an unsupported family, weights that are missing, pickled or
+truncated (the safetensors header says how long the data must be), a missing tokenizer, and an a3q artifact whose
+files do not match its manifest's sizes (the hashes are checked when it loads).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from a3q.io.manifest import ArtifactError, read_manifest, verify_artifact
+
+_MAX_CONFIG_BYTES = 16 << 20
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+_TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
+_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
+
+
+def _read_json(path: Path) -> tuple[object | None, str | None]:
+    if path.stat().st_size > _MAX_CONFIG_BYTES:
+        return None, f"{path.name} is larger than {_MAX_CONFIG_BYTES >> 20} MiB"
+    try:
+        return json.loads(path.read_bytes().decode("utf-8")), None
+    except UnicodeDecodeError:
+        return None, f"{path.name} is not UTF-8 text"
+    except (json.JSONDecodeError, RecursionError) as exc:
+        return None, f"{path.name} is not valid JSON ({exc})"
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (header unreadable, data shorter than it says), or None."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return f"{path.name} is truncated ({size} bytes: not even a safetensors header)"
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > min(_MAX_HEADER_BYTES, size - 8):
+            return f"{path.name} is truncated or not safetensors (header of {header_len:,} bytes in a {size:,}-byte file)"
+        try:
+            header = json.loads(handle.read(header_len).decode("utf-8"))
+            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError, KeyError, TypeError, IndexError):
+            return f"{path.name} has a damaged safetensors header"
+    needed = 8 + header_len + max(ends, default=0)
+    if size < needed:
+        return f"{path.name} is truncated ({size:,} bytes; its header describes {needed:,})"
+    return None
+
+
+def _weights_problem(folder: Path) -> str | None:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        payload, problem = _read_json(index)
+        if problem:
+            return problem
+        weight_map = payload.get("weight_map") if isinstance(payload, dict) else None
+        if not isinstance(weight_map, dict):
+            return f"{index.name} has no weight_map"
+        shards = sorted({str(name) for name in weight_map.values()})
+        for shard in shards:
+            if Path(shard).name != shard:
+                return f"{index.name} names '{shard}', which is not a file in this folder"
+        files = [folder / shard for shard in shards]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = [name for name in _PICKLE_WEIGHTS if (folder / name).exists()]
+        if pickled:
+            return f"only pickled weights ({pickled[0]}); a3q loads safetensors only and never unpickles a file"
+        return "no *.safetensors weights"
+    for file in files:
+        if not file.is_file():
+            return f"weights file {file.name} is missing"
+        problem = safetensors_problem(file)
+        if problem:
+            return problem
+    return None
+
+
+def model_folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be loaded as a model, or None. Reads JSON and file headers only."""
+    from a3q.arch import GPT2_MODEL_TYPES, LLAMA_MODEL_TYPES
+
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return f"folder '{folder}' has no config.json (not a Hugging Face model folder)"
+    config, problem = _read_json(config_path)
+    if problem:
+        return f"'{folder}': {problem}"
+    if not isinstance(config, dict):
+        return f"'{folder}': config.json is not a JSON object"
+    supported = LLAMA_MODEL_TYPES + GPT2_MODEL_TYPES
+    model_type = config.get("model_type")
+    if model_type not in supported:
+        return f"'{folder}': model_type {model_type!r} is not supported (supported: {', '.join(supported)})"
+    try:
+        manifest = read_manifest(folder)
+        if manifest is not None:
+            verify_artifact(folder, manifest, hashes=False)
+    except ArtifactError as exc:
+        return str(exc)
+    problem = _weights_problem(folder)
+    if problem:
+        return f"'{folder}': {problem}"
+    if not any(all((folder / name).is_file() for name in group) for group in _TOKENIZER_FILES):
+        return f"'{folder}': no tokenizer (tokenizer.json, tokenizer.model, or vocab.json + merges.txt)"
+    return None
