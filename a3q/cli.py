@@ -111,7 +111,7 @@ def inspect(
     """Structure (per-layer sizes), sizes and manifest of a saved model, without loading weights."""
     from transformers import AutoConfig
 
-    import a3q.modeling  # noqa: F401
+    import a3q.modeling.auto  # noqa: F401
     from a3q.arch import layers_from_config
     from a3q.io.manifest import ArtifactError, read_manifest
     from a3q.io.model_folder import model_folder_problem

@@ -1,7 +1,9 @@
 """The engine: load the model, run each stage in order, record a report row per stage.
 
-Stages never load data themselves for calibration: they ask the :class:`StageContext`, which
-cuts the recipe's calibration windows once and hands the same tensor to every stage that asks.
+Stages never run the model over calibration data themselves: consecutive calibrating stages form one group that
+the pipeline (:mod:`a3q.pipeline.runner`) runs layer by layer over the recipe's calibration windows, cut once per
+run; other stages are called as they are. After a training stage the engine repeats the recipe's last quality
+measurement, so the report shows before → after.
 ``report.json`` is written (atomically) when the run starts (``status: running``) and after every stage, and ends
 ``complete`` or ``failed`` (with the reason), so a failed or killed run still shows how far it got.
 
@@ -28,8 +30,9 @@ from a3q.graph import ModelGraph
 from a3q.io.loading import load_graph
 from a3q.numerics import check_module_finite
 from a3q.recipe import Recipe, RecipeError, StageSpec
-from a3q.calib.layerwise import run_layerwise
-from a3q.registry import get_stage, layerwise_part
+from a3q.pipeline.runner import run_pipeline
+from a3q.pipeline.stage import CalibratingStage
+from a3q.registry import get_stage
 from a3q.report import Report, measure, print_table
 
 
@@ -39,60 +42,47 @@ class StageError(RuntimeError):
 
 @dataclass
 class StageContext:
-    """What a running stage may ask the engine for, and where it puts its results."""
+    """What a running stage may use besides the graph and its config, and where it puts its report fields.
+
+    Stages never fetch calibration data: the engine's pipeline runs the model over it for them. Build one directly
+    in tests: ``StageContext(recipe, spec)``; the engine passes its report and output folder.
+    """
 
     recipe: Recipe
     spec: StageSpec
-    output_dir: Path
-    report: Report
+    output_dir: Path = Path(".")
+    report: Report = field(default_factory=Report)
     metrics: dict[str, Any] = field(default_factory=dict)
-    _calibration: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def calibration_windows(self, graph: ModelGraph) -> torch.Tensor:
-        """The recipe's calibration windows ``[windows, seq_len]``, cut once per run."""
-        if "windows" not in self._calibration:
+
+class CalibrationWindows:
+    """The recipe's calibration windows, cut once per run (with the model's tokenizer) and shared by every pass."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self._windows: torch.Tensor | None = None
+
+    def get(self, graph: ModelGraph) -> torch.Tensor:
+        if self._windows is None:
             cal = self.recipe.calibration
-            self._calibration["windows"] = random_windows(
-                graph.tokenizer, cal.corpus, cal.split, cal.seq_len, cal.windows, cal.seed
-            )
-        return self._calibration["windows"]
+            self._windows = random_windows(graph.tokenizer, cal.corpus, cal.split, cal.seq_len, cal.windows, cal.seed)
+        return self._windows
 
 
-def plan_passes(stages: list[StageSpec]) -> list[list[StageSpec]]:
-    """Group the recipe into runs: consecutive stages that can share a layer-by-layer pass form one group.
+def plan_groups(stages: list[CalibratingStage]) -> list[list[CalibratingStage]]:
+    """Consecutive calibrating stages share one pipeline pass; every other stage runs on its own.
 
-    A stage can when it registered a layer-wise part (:func:`a3q.registry.register_layerwise`) that accepts its
-    config; every other stage is a group of its own.
+    A stage that plans from every layer's statistics (A³'s global allocation) starts a pass of its own: it must see
+    the model as the pass receives it, before any other stage of the pass changes a layer.
     """
-    groups: list[list[StageSpec]] = []
-    for spec in stages:
-        shareable = layerwise_part(spec.name, spec.config) is not None
+    groups: list[list[CalibratingStage]] = []
+    for stage in stages:
         previous = groups[-1] if groups else None
-        if shareable and previous and layerwise_part(previous[-1].name, previous[-1].config) is not None:
-            previous.append(spec)
+        if stage.calibrates() and previous and previous[-1].calibrates() and not stage.needs_plan():
+            previous.append(stage)
         else:
-            groups.append([spec])
+            groups.append([stage])
     return groups
-
-
-def _run_shared_pass(graph: ModelGraph, group: list[StageSpec], contexts: list[StageContext]) -> ModelGraph:
-    """Run a group of layer-wise stages in one pass; each context gets its stage's metrics and seconds."""
-    parts = [layerwise_part(spec.name, spec.config) for spec in group]
-    windows = contexts[0].calibration_windows(graph)
-    batch_size = max(getattr(spec.config, "batch_size", 4) for spec in group)
-    started = time.perf_counter()
-    context_of = {id(part): context for part, context in zip(parts, contexts)}
-    others = {id(part): [spec.label for spec in group if spec is not own] for part, own in zip(parts, group)}
-
-    def after_finish(part, finished_graph) -> None:
-        context = context_of[id(part)]
-        context.metrics.update(graph_row(context.spec.name, finished_graph))  # sizes as this stage left them
-        context.metrics.update(part.metrics)
-        context.metrics.update(seconds=part.seconds, shared_pass_with=others[id(part)])
-
-    graph = run_layerwise(graph, windows, parts, batch_size, after_finish=after_finish)
-    contexts[-1].metrics["shared_pass_seconds"] = time.perf_counter() - started
-    return graph
 
 
 def graph_row(stage: str, graph: ModelGraph) -> dict[str, Any]:
@@ -103,6 +93,60 @@ def graph_row(stage: str, graph: ModelGraph) -> dict[str, Any]:
         "weight_bytes": graph.decoder_linear_bytes(),
         "kv_bytes_per_token": graph.kv_bytes_per_token(),
     }
+
+
+def _repeat_quality_measurement(graph: ModelGraph, context: StageContext) -> None:
+    """After a training stage: run the last quality-measuring stage again and report before → after."""
+    earlier = context.recipe.stages[: context.spec.index]
+    spec = next((s for s in reversed(earlier) if type(s.config).measures_quality), None)
+    row = next((r for r in reversed(context.report.rows) if spec is not None and r.get("stage") == spec.name
+                and "ppl" in r), None)
+    if spec is None or row is None:
+        return
+    scratch = StageContext(context.recipe, spec.model_copy(update={"index": context.spec.index}), context.output_dir,
+                           context.report)
+    get_stage(spec.name).build(spec.config, scratch).finish(graph)
+    after = scratch.metrics
+    context.metrics.update(ppl_before=row["ppl"], ppl=after["ppl"], eval=after.get("eval"))
+    note = context.metrics.get("note", "")
+    context.metrics["note"] = f"{note}, ppl {row['ppl']:.2f}→{after['ppl']:.2f}".lstrip(", ")
+
+
+def apply_stages(
+    graph: ModelGraph, stages: list[tuple[str, Any]], windows: torch.Tensor | None = None
+) -> tuple[ModelGraph, list[dict[str, Any]]]:
+    """Run stages on ``graph`` outside a recipe (tests, notebooks, benchmarks), grouped into pipeline passes as a run
+    groups them: the graph after them and each stage's report fields.
+
+    ``stages`` are ``(name, config)`` pairs, the config a stage config object or a dict of its fields; ``windows``
+    are the calibration windows. As in a run, stages change ``graph``'s model in place: pass a copy to keep it.
+    """
+    from a3q.recipe import CalibrationConfig
+
+    specs = []
+    for index, (name, config) in enumerate(stages):
+        entry = get_stage(name)
+        config = entry.config_class(**config) if isinstance(config, dict) else config
+        specs.append(StageSpec(index=index, name=name, config=config))
+    recipe = Recipe(model=graph.source, dtype="float32", calibration=CalibrationConfig(), stages=specs, output=None,
+                    raw={})
+    contexts = [StageContext(recipe, spec) for spec in specs]
+    workers = [get_stage(spec.name).build(spec.config, context) for spec, context in zip(specs, contexts)]
+    for group in plan_groups(workers):
+        calibrating = any(worker.calibrates() for worker in group)
+        graph = run_pipeline(graph, windows if calibrating else None, group, progress=False)
+    for worker, context in zip(workers, contexts):
+        context.metrics.update(worker.metrics)
+    return graph, [context.metrics for context in contexts]
+
+
+def apply_stage(
+    graph: ModelGraph, name: str, config: Any = None, windows: torch.Tensor | None = None, **fields: Any
+) -> tuple[ModelGraph, dict[str, Any]]:
+    """One stage, as :func:`apply_stages`: ``config`` or ``fields`` give its settings. Returns the graph and the
+    stage's report fields."""
+    graph, (metrics,) = apply_stages(graph, [(name, config if config is not None else fields)], windows)
+    return graph, metrics
 
 
 @dataclass
@@ -183,23 +227,33 @@ def run_recipe(
             raise StageError(f"loading '{recipe.model}' failed: {exc}") from exc
         raise
     report.rows.append({**graph_row("load", graph), "seconds": loading.seconds, "peak_rss_mb": loading.peak_rss_mb})
-    shared_calibration: dict[str, torch.Tensor] = {}
+    calibration = CalibrationWindows(recipe)
+    contexts = {spec.index: StageContext(recipe, spec, out, report) for spec in recipe.stages}
+    workers = [get_stage(spec.name).build(spec.config, contexts[spec.index]) for spec in recipe.stages]
+    spec_of = {id(worker): spec for worker, spec in zip(workers, recipe.stages)}
 
-    def record(spec: StageSpec, context: StageContext, seconds: float, peak_rss_mb: float) -> None:
-        graph.history.append({"stage": spec.name, "config": spec.config.model_dump(mode="json")})
-        report.rows.append({**graph_row(spec.name, graph), "seconds": seconds, "peak_rss_mb": peak_rss_mb, **context.metrics})
-        write_json_atomic(out / "report.json", report.to_json())
+    for group in plan_groups(workers):
+        specs = [spec_of[id(worker)] for worker in group]
+        labels = " + ".join(spec.label for spec in specs)
+        calibrating = [worker for worker in group if worker.calibrates()]
+        console.log(f"{labels}: running" + (" (one layer-by-layer calibration pass)" if calibrating else ""))
+        finished: dict[int, ModelGraph] = {}
 
-    for group in plan_passes(recipe.stages):
-        contexts = [StageContext(recipe, spec, out, report, _calibration=shared_calibration) for spec in group]
-        labels = " + ".join(spec.label for spec in group)
-        console.log(f"{labels}: running" + (" (one shared layer-by-layer calibration pass)" if len(group) > 1 else ""))
+        def after_finish(worker: CalibratingStage, finished_graph: ModelGraph) -> None:
+            spec = spec_of[id(worker)]
+            context = contexts[spec.index]
+            context.metrics.update(graph_row(spec.name, finished_graph))  # sizes as this stage left them
+            context.metrics.update(worker.metrics)
+            if len(group) > 1:
+                context.metrics["shared_pass_with"] = [s.label for s in specs if s is not spec]
+            if type(spec.config).trains:
+                _repeat_quality_measurement(finished_graph, context)
+            finished[spec.index] = finished_graph
+
         with measure() as measured:
             try:
-                if len(group) == 1:
-                    graph = get_stage(group[0].name).apply(graph, group[0].config, contexts[0])
-                else:
-                    graph = _run_shared_pass(graph, group, contexts)
+                windows = calibration.get(graph) if calibrating else None
+                graph = run_pipeline(graph, windows, group, after_finish=after_finish)
                 check_module_finite(graph.model, f"{labels}: output")
             except Exception as exc:
                 fail(f"{labels}: {exc}", exc)
@@ -207,11 +261,14 @@ def run_recipe(
             except BaseException as exc:  # Ctrl-C, SystemExit: the report says so before the process goes
                 fail(f"{labels}: interrupted ({type(exc).__name__})", exc)
                 raise
-        if len(group) == 1:
-            record(group[0], contexts[0], measured.seconds, measured.peak_rss_mb)
-        else:
-            for spec, context in zip(group, contexts):
-                record(spec, context, context.metrics.pop("seconds"), measured.peak_rss_mb)
+        for worker, spec in zip(group, specs):
+            graph.history.append({"stage": spec.name, "config": spec.config.model_dump(mode="json")})
+            seconds = worker.seconds if len(group) > 1 else measured.seconds
+            report.rows.append({**graph_row(spec.name, finished[spec.index]), "seconds": seconds,
+                                "peak_rss_mb": measured.peak_rss_mb, **contexts[spec.index].metrics})
+        if len(group) > 1:
+            report.rows[-1]["shared_pass_seconds"] = measured.seconds
+        write_json_atomic(out / "report.json", report.to_json())
     report.context["status"] = "complete"
     write_json_atomic(out / "report.json", report.to_json())
     if show_table:

@@ -85,15 +85,13 @@ class ModelGraph:
     """A model in flight through a recipe.
 
     ``family`` names the architecture adapter (``llama`` for Llama/Mistral/Qwen2-style RoPE
-    models, ``gpt2`` for learned-position MHA models). ``kv_cache_bits`` is the storage width of
-    a cached value (the model dtype unless a KV stage quantizes the cache); KV bytes per token are
-    computed from it and the per-layer sizes. ``history`` records the stages applied so far.
+    models, ``gpt2`` for learned-position MHA models). ``history`` records the stages applied so far.
 
     ``kv_cache`` is the quantized-cache setting (``bits``, ``group_size``, ``residual``, ``key_axis``;
-    see :mod:`a3q.cache.quantized`) or None for a full-precision cache. It is mirrored on the model
-    (``generation_config.a3q_kv_cache``) because stages that rebuild the graph keep the model's
-    generation config but not this object's fields: a new graph picks the setting up from there,
-    and ``kv_cache_bits`` then equals its ``bits``.
+    see :mod:`a3q.cache.quantized`) or None for a full-precision cache. The graph is the one source of truth for it:
+    :meth:`set_kv_cache` also records it on the model's generation config (that is how ``generate()`` and an exported
+    ``generation_config.json`` see it), and :func:`a3q.arch.surgery.redescribe` carries it to a rebuilt graph.
+    Building a graph has no side effects on the model.
     """
 
     model: Any
@@ -104,21 +102,14 @@ class ModelGraph:
     uses_rope: bool
     source: str
     history: list[dict[str, Any]] = field(default_factory=list)
-    kv_cache_bits: int | None = None
     kv_cache: dict[str, Any] | None = None
     #: an unmerged LoRA adapter: the PeftModel whose causal LM is ``model`` (see :mod:`a3q.stages.lora`)
     adapter: Any = None
 
-    def __post_init__(self) -> None:
-        from a3q.cache import get_settings, install, set_settings
-
-        if self.kv_cache is None:
-            self.kv_cache = get_settings(self.model)
-        elif get_settings(self.model) != self.kv_cache:
-            set_settings(self.model, self.kv_cache)
-        if self.kv_cache is not None:
-            self.kv_cache_bits = int(self.kv_cache["bits"])
-            install(self.model)
+    @property
+    def kv_cache_bits(self) -> int | None:
+        """Storage width of a cached value when the cache is quantized; None: the model's dtype."""
+        return None if self.kv_cache is None else int(self.kv_cache["bits"])
 
     def set_kv_cache(self, settings: dict[str, Any] | None) -> None:
         """Quantize the cache as ``settings`` say (None: full precision), on the graph and on the model."""
@@ -126,7 +117,6 @@ class ModelGraph:
 
         set_settings(self.model, settings)
         self.kv_cache = get_settings(self.model)
-        self.kv_cache_bits = None if self.kv_cache is None else int(self.kv_cache["bits"])
 
     def decoder_linear_params(self) -> int:
         """Parameters of the decoder's linear weights; embeddings, norms, biases and lm_head excluded."""
@@ -179,6 +169,6 @@ class ModelGraph:
 
 
 def _adapter_record(adapter: Any) -> dict[str, Any]:
-    from a3q.stages.lora.adapter import adapter_record
+    from a3q.io.adapter import adapter_record
 
     return adapter_record(adapter)

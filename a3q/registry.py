@@ -1,8 +1,8 @@
 """The stage registry: ``@register_stage("name", Config)`` is all it takes to add a stage.
 
-A stage is a pydantic config class plus a function ``apply(graph, config, context) -> graph``.
-The recipe validator looks configs up here, the engine looks functions up here; neither needs
-editing when a stage is added.
+A stage is a pydantic config class plus either a function ``apply(graph, config, context) -> graph`` or, for a
+stage that calibrates, a :class:`~a3q.pipeline.stage.CalibratingStage` class. The recipe validator looks configs up
+here, the engine looks implementations up here; neither needs editing when a stage is added.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+from a3q.pipeline.stage import CalibratingStage
 
 if TYPE_CHECKING:
     from a3q.engine import StageContext
@@ -24,8 +26,12 @@ class StageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, frozen=False)
 
-    #: whether the engine must provide calibration windows to this stage
+    #: whether the engine must provide calibration windows to this stage (checked against the corpus up front)
     needs_calibration: ClassVar[bool] = False
+    #: whether this stage measures quality (perplexity) on held-out text; a training stage repeats the last one
+    measures_quality: ClassVar[bool] = False
+    #: whether this stage trains the model: the engine repeats the last quality measurement after it
+    trains: ClassVar[bool] = False
     #: whether this stage's output is no longer a plain float model (quantized weights)
     produces_quantized_weights: ClassVar[bool] = False
     #: whether this stage needs float (unquantized) linear weights as input
@@ -34,6 +40,14 @@ class StageConfig(BaseModel):
     produces_factored_linears: ClassVar[bool] = False
     #: whether this stage works on a model whose linears are two-factor modules (most rewriting stages do not)
     accepts_factored_linears: ClassVar[bool] = True
+
+    def changes_kv_ranks(self) -> bool:
+        """Whether this stage shrinks the q/k or v/o head dims (what the KV cache stores)."""
+        return False
+
+    def quantizes_kv_cache(self) -> bool:
+        """Whether this stage sets a quantized KV cache."""
+        return False
 
     def artifact_target(self) -> str | None:
         """The folder this stage writes an artifact to, if it does (so the engine can check it against the run)."""
@@ -62,54 +76,58 @@ MAX_SEED = 2**63 - 1
 StageFunction = Callable[["ModelGraph", StageConfig, "StageContext"], "ModelGraph"]
 
 
+class FunctionStage(CalibratingStage):
+    """A stage written as one function ``apply(graph, config, context) -> graph``: it does not calibrate, so the
+    engine simply calls it (as this object's :meth:`finish`)."""
+
+    def __init__(self, apply: StageFunction, config: StageConfig, context: StageContext) -> None:
+        super().__init__()
+        self.apply, self.config, self.context = apply, config, context
+        self.name = context.spec.name
+
+    def calibrates(self) -> bool:
+        return False
+
+    def finish(self, graph: ModelGraph) -> ModelGraph:
+        return self.apply(graph, self.config, self.context)
+
+
 @dataclass(frozen=True)
 class StageEntry:
-    """A registered stage: its name, config class and implementation."""
+    """A registered stage: its name, config class, and implementation (a function or a CalibratingStage class)."""
 
     name: str
     config_class: type[StageConfig]
-    apply: StageFunction
+    implementation: StageFunction | type[CalibratingStage]
+
+    def build(self, config: StageConfig, context: StageContext) -> CalibratingStage:
+        """The stage's worker for one run: a :class:`CalibratingStage` (function stages are wrapped)."""
+        if isinstance(self.implementation, type):
+            stage = self.implementation(config)
+            stage.name = self.name
+            return stage
+        return FunctionStage(self.implementation, config, context)
 
 
 _STAGES: dict[str, StageEntry] = {}
 
 
-def register_stage(name: str, config_class: type[StageConfig]) -> Callable[[StageFunction], StageFunction]:
-    """Register ``apply`` under ``name`` with its config class (decorator)."""
+def register_stage(name: str, config_class: type[StageConfig]) -> Callable[[Any], Any]:
+    """Register a stage under ``name`` with its config class (decorator).
 
-    def decorator(apply: StageFunction) -> StageFunction:
-        existing = _STAGES.get(name)
-        if existing is not None and existing.apply.__qualname__ != apply.__qualname__:
-            raise ValueError(f"stage '{name}' is already registered by {existing.apply.__module__}")
-        _STAGES[name] = StageEntry(name=name, config_class=config_class, apply=apply)
-        return apply
-
-    return decorator
-
-
-_LAYERWISE: dict[str, Callable[[Any], Any]] = {}
-
-
-def register_layerwise(name: str) -> Callable:
-    """Register a factory ``config -> LayerwiseStage | None`` for stage ``name`` (decorator).
-
-    A stage with such a factory can share one layer-by-layer calibration pass with its neighbours in a recipe
-    (see :mod:`a3q.calib.layerwise`); the factory returns None for configs that cannot (e.g. A³'s global
-    allocation, which needs every layer's statistics before it picks any rank).
+    Decorate either a function ``apply(graph, config, context) -> graph`` (a stage that does not calibrate) or a
+    :class:`~a3q.pipeline.stage.CalibratingStage` subclass built as ``cls(config)``, whose observe/process (and
+    optionally plan) the engine's pipeline runs. Nothing else needs editing to add a stage.
     """
 
-    def decorator(factory: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        _LAYERWISE[name] = factory
-        return factory
+    def decorator(implementation: Any) -> Any:
+        existing = _STAGES.get(name)
+        if existing is not None and existing.implementation.__qualname__ != implementation.__qualname__:
+            raise ValueError(f"stage '{name}' is already registered by {existing.implementation.__module__}")
+        _STAGES[name] = StageEntry(name=name, config_class=config_class, implementation=implementation)
+        return implementation
 
     return decorator
-
-
-def layerwise_part(name: str, config: StageConfig) -> Any:
-    """The stage's part in a shared layer-by-layer pass, or None if it has none (for this config)."""
-    _load_builtin_stages()
-    factory = _LAYERWISE.get(name)
-    return None if factory is None else factory(config)
 
 
 def get_stage(name: str) -> StageEntry:
@@ -127,4 +145,9 @@ def stage_names() -> list[str]:
 
 
 def _load_builtin_stages() -> None:
-    import a3q.stages  # noqa: F401  (importing registers the built-in stages)
+    import importlib
+
+    from a3q.stages import BUILTIN_STAGE_MODULES
+
+    for module in BUILTIN_STAGE_MODULES:
+        importlib.import_module(module)

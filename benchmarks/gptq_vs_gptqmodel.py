@@ -23,6 +23,16 @@ Rows:
   loading its checkpoint with plain transformers, and (``ppl in a3q``) after a3q decodes the same file with its own
   GPTQ v1 reader: both must agree, which checks a3q's layout against GPTQModel's.
 ``--gptqmodel-stock`` adds a row with GPTQModel's own defaults (damp 0.05, GAR on, true_sequential on).
+
+``--a3q-settings`` runs a3q's stage once per setting (default: ``plain``, the matched one); a setting joins options
+with ``+``: ``aga`` (act_group_aware), ``ts`` (true_sequential), ``auto`` (damp_auto), ``actorder`` (act_order),
+``damp0.05`` (damp_percent). E.g. ``--a3q-settings plain aga aga+ts+damp0.05``. ``--skip-gptqmodel`` runs a3q's side
+only (no ``.venv-gptqmodel`` needed): no GPTQModel rows and no transformers load of a3q's export. The JSON is
+rewritten after every row.
+
+    # a3q's side only, three settings, full protocol (32×512 calibration, 16×512 evaluation)
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/gptq_vs_gptqmodel.py --threads 1 --skip-gptqmodel \
+        --a3q-settings aga aga+ts aga+ts+damp0.05 --json out/bench/gptq_a3q_settings.json
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import SMOLLM2_ALIAS, finish, machine_info, machine_line
+from bench_common import SMOLLM2_ALIAS, finish, machine_info, machine_line, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDE = Path(__file__).resolve().parent / "gptqmodel_side.py"
@@ -70,17 +80,39 @@ def side_scores(args, model_dir: Path, tokens: Path, out: Path, cwd: Path, conso
     return json.loads(Path(str(out) + ".json").read_text())
 
 
-def a3q_quantize(args, work: Path, console: Console):
+SETTING_OPTIONS = {"aga": ("act_group_aware", True), "ts": ("true_sequential", True), "auto": ("damp_auto", True),
+                   "actorder": ("act_order", True)}
+
+
+def parse_setting(setting: str, args) -> dict:
+    """``aga+ts+damp0.05`` → the gptq stage's fields (on top of the bits/group/sym/act-order/damp options)."""
+    fields = {"act_order": args.act_order, "damp_percent": args.damp_percent}
+    for part in setting.split("+"):
+        if part == "plain":
+            continue
+        if part.startswith("damp"):
+            fields["damp_percent"] = float(part[4:])
+        elif part in SETTING_OPTIONS:
+            key, value = SETTING_OPTIONS[part]
+            fields[key] = value
+        else:
+            raise SystemExit(f"unknown a3q setting part {part!r} (known: plain, damp<x>, {', '.join(SETTING_OPTIONS)})")
+    return fields
+
+
+def a3q_quantize(args, work: Path, console: Console, setting: str = "plain"):
     from a3q.engine import run_recipe
     from a3q.recipe import parse_recipe
 
+    shutil.rmtree(work / "a3q_export", ignore_errors=True)
+    shutil.rmtree(work / "a3q_run", ignore_errors=True)
     recipe = {
         "model": SMOLLM2_ALIAS,
         "calibration": {"corpus": "enwiki", "split": "calib", "windows": args.windows, "seq_len": args.seq_len,
                         "seed": args.seed},
         "stages": [
             {"stage": "gptq", "bits": args.bits, "group_size": args.group_size, "sym": args.sym,
-             "act_order": args.act_order, "damp_percent": args.damp_percent},
+             **parse_setting(setting, args)},
             {"stage": "export", "path": str(work / "a3q_export")},
         ],
     }
@@ -143,6 +175,10 @@ def main() -> None:
     parser.add_argument("--gptqmodel-true-sequential", action="store_true",
                         help="GPTQModel: quantize q/k/v, then o, then gate/up, then down with updated inputs (a3q: one pass per layer)")
     parser.add_argument("--gptqmodel-stock", action="store_true", help="also run GPTQModel with its own defaults")
+    parser.add_argument("--a3q-settings", nargs="+", default=["plain"],
+                        help="a3q gptq settings, one row each: plain, or options joined by + (aga, ts, auto, actorder, damp<x>)")
+    parser.add_argument("--skip-gptqmodel", action="store_true",
+                        help="a3q's side only: no GPTQModel rows, no transformers load of the export (no second venv)")
     parser.add_argument("--backend", default="gptq_torch", help="gptqmodel kernel for the transformers loads")
     parser.add_argument("--logit-windows", type=int, default=2, help="windows whose full logits are compared")
     parser.add_argument("--gptqmodel-python", type=Path, default=DEFAULT_PYTHON)
@@ -155,7 +191,9 @@ def main() -> None:
         for path in args.table:
             print_table(json.loads(path.read_text()))
         return
-    if not args.gptqmodel_python.is_file():
+    for setting in args.a3q_settings:
+        parse_setting(setting, args)  # fail before any work
+    if not args.skip_gptqmodel and not args.gptqmodel_python.is_file():
         raise SystemExit(f"{args.gptqmodel_python} not found: run `make gptqmodel-venv` first")
 
     import torch
@@ -187,26 +225,35 @@ def main() -> None:
         model_dir = smollm2_path()
         del dense
 
-        # (a) a3q's GPTQ stage + export
-        graph, stage_row = a3q_quantize(args, work, console)
-        a3q_ppl = perplexity(graph.model, test, progress=False).perplexity
-        with torch.no_grad():
-            ours = graph.model(input_ids=test[: args.logit_windows], use_cache=False).logits.float()
-        del graph
-        # (d) the export loaded by plain transformers (+ gptqmodel) in the other venv
-        a3q_scores = side_scores(args, work / "a3q_export", work / "eval.safetensors", work / "a3q_export.scores.safetensors",
-                                 work / "cwd", console)
-        cross = compare_logits(ours, work / "a3q_export.scores.safetensors")
-        rows.append(dict(method="a3q gptq", seconds=stage_row["seconds"], ppl=a3q_ppl,
-                         ppl_transformers=a3q_scores["perplexity"], ppl_in_a3q=a3q_ppl, cross_load=cross,
-                         kernels=a3q_scores["kernels"], note=stage_row.get("note", "")))
-        console.log(rows[-1])
-        del ours
+        for setting in args.a3q_settings:
+            # (a) a3q's GPTQ stage + export
+            graph, stage_row = a3q_quantize(args, work, console, setting)
+            a3q_ppl = perplexity(graph.model, test, progress=False).perplexity
+            with torch.no_grad():
+                ours = graph.model(input_ids=test[: args.logit_windows], use_cache=False).logits.float()
+            del graph
+            method = "a3q gptq" if setting == "plain" else f"a3q gptq ({setting})"
+            row = dict(method=method, setting=setting, seconds=stage_row["seconds"], ppl=a3q_ppl, ppl_transformers=None,
+                       ppl_in_a3q=a3q_ppl, note=stage_row.get("note", ""),
+                       worst_relative_error=stage_row.get("worst_relative_error"),
+                       damp_percent_used=sorted({d for layer in stage_row.get("damp_percent_used", []) for d in layer.values()}))
+            if not args.skip_gptqmodel:
+                # (d) the export loaded by plain transformers (+ gptqmodel) in the other venv
+                a3q_scores = side_scores(args, work / "a3q_export", work / "eval.safetensors",
+                                         work / "a3q_export.scores.safetensors", work / "cwd", console)
+                row.update(ppl_transformers=a3q_scores["perplexity"], kernels=a3q_scores["kernels"],
+                           cross_load=compare_logits(ours, work / "a3q_export.scores.safetensors"))
+            rows.append(row)
+            console.log(rows[-1])
+            if args.json:  # keep what is measured so far
+                write_json(args.json, {"benchmark": "gptq_vs_gptqmodel", "machine": info, "partial": True, "rows": rows})
+            del ours
 
         # (b) GPTQModel, same calibration tokens
-        variants = [("gptqmodel", ["--damp-percent", str(args.damp_percent), "--no-act-group-aware",
-                                   "--true-sequential" if args.gptqmodel_true_sequential else "--no-true-sequential"])]
-        if args.gptqmodel_stock:
+        variants = [] if args.skip_gptqmodel else [
+            ("gptqmodel", ["--damp-percent", str(args.damp_percent), "--no-act-group-aware",
+                           "--true-sequential" if args.gptqmodel_true_sequential else "--no-true-sequential"])]
+        if args.gptqmodel_stock and not args.skip_gptqmodel:
             variants.append(("gptqmodel_stock", ["--damp-percent", "0.05", "--act-group-aware", "--true-sequential"]))
         for name, extra in variants:
             out = work / name
@@ -232,6 +279,8 @@ def main() -> None:
             f"calibration {args.windows}×{args.seq_len} enwiki/calib seed {args.seed}; eval {test.shape[0]}×{args.eval_seq_len} enwiki/test",
             f"{args.bits}-bit, group {args.group_size}, sym={args.sym}, act_order={args.act_order}, damp {args.damp_percent}",
             "quantize s: a3q = gptq stage (incl. its calibration forwards); GPTQModel = model.quantize() only",
+            *(["--skip-gptqmodel: a3q's side only (no GPTQModel rows, no transformers load of the export)"]
+              if args.skip_gptqmodel else []),
             f"transformers loads: AutoModelForCausalLM.from_pretrained(dir, device_map='cpu', dtype=float32), gptqmodel backend {args.backend}",
             "max |Δ logit| (a3q row): a3q in-process vs its export loaded by transformers; (GPTQModel rows): "
             "transformers load vs a3q reading the same checkpoint; '… fp32 scales': the same with gptqmodel's kernel "

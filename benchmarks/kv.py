@@ -17,6 +17,7 @@ less on an idle machine. ``--windows`` is the main cost.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -32,13 +33,7 @@ from a3q.metrics.perplexity import perplexity
 from a3q.stages.a3.apply import as_a3_graph, compress_model
 from a3q.stages.a3.ranks import plan_ranks
 from a3q.stages.a3.statistics import collect_statistics
-from a3q.stages.kv import (
-    KVConfig,
-    bf16_equivalent_bytes,
-    plan_kv_ranks,
-    reduce_kv_ranks,
-    with_own_model,
-)
+from a3q.stages.kv import KVConfig, bf16_equivalent_bytes, plan_kv_ranks
 
 try:  # run as a script from the repository root or as a module
     from bench_common import machine_info, machine_line
@@ -60,13 +55,14 @@ def build(label: str, dense: ModelGraph, stats: list, cache: dict) -> ModelGraph
         graph = cache["a3"]
         if label == "A³ 20%":
             return graph
-        graph = with_own_model(graph)
+        graph = copy.deepcopy(graph)  # the cache setting lives on the model: a copy of its own
         graph.set_kv_cache({"bits": 8})
         return graph
     if label.startswith("kv_ratio"):
         config = KVConfig(kv_ratio=float(label.split()[1]))
-        return with_own_model(reduce_kv_ranks(a3, stats, plan_kv_ranks(a3, config), config)[0])
-    graph = with_own_model(dense)
+        return copy.deepcopy(compress_model(a3, stats, plan_kv_ranks(a3, config), config.damping,
+                                            frozenset({"qk", "ov"}), progress=False)[0])
+    graph = copy.deepcopy(dense)
     graph.set_kv_cache({"bits": int(label.split("-")[0])})
     return graph
 

@@ -6,7 +6,9 @@ baselines people already use (plain SVD, ASVD, SVD-LLM), at the same fraction of
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py --methods svd asvd --json out/bench/a.json
     .venv/bin/python benchmarks/quality.py --table out/bench/a.json out/bench/b.json
 
-``--methods ablations`` adds A³ with one component alone at 10% and with ranks rounded to multiples of 8 / 32.
+``--methods ablations`` adds A³ with one component alone at 10% and with ranks rounded to multiples of 8 / 32;
+``a3_sequential`` runs the ``a3`` stage with ``statistics: sequential`` (each layer's statistics from the layers
+before it as already compressed) instead of the dense model's.
 
 Protocol: calibration = 32 random windows × 512 tokens of enwiki/calib (seed 0); every method's statistics come
 from the dense model in one hooked pass; evaluation = the first 40 windows × 512 tokens of enwiki/test (20,440
@@ -33,9 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import machine_info, machine_line
 
 ALL = ("qk", "ov", "mlp")
-METHODS = ("dense", "svd", "asvd", "svd_llm", "a3", "a3_global", "ablations")
+METHODS = ("dense", "svd", "asvd", "svd_llm", "a3", "a3_sequential", "a3_global", "ablations")
 LABELS = {"dense": "dense", "svd": "SVD", "asvd": "ASVD (α=0.5)", "svd_llm": "SVD-LLM (whitening)",
-          "a3": "A³ uniform", "a3_global": "A³ global", "ablations": "A³ ablation"}
+          "a3": "A³ uniform", "a3_sequential": "A³ uniform, sequential statistics", "a3_global": "A³ global",
+          "ablations": "A³ ablation"}
 # "ablations": A³ with one component at 10%, and at 20% with ranks rounded to multiples of 8 / 32
 ABLATIONS = [(f"{c} only", {c: 0.1}, 0.1, 1) for c in ALL] + [(f"ranks ×{m}", {c: 0.2 for c in ALL}, 0.2, m) for m in (8, 32)]
 
@@ -95,6 +98,17 @@ def a3_rows(dense, calib, test, ratios, methods, args, emit) -> None:
             del compressed
     sensitivity: dict = {}  # with --probe-ratio: one set of probes serves every ratio
     for ratio in ratios:
+        if "a3_sequential" in methods:  # through the stage itself: each layer's statistics after the ones before
+            import copy
+
+            from a3q.engine import apply_stage
+
+            started = time.perf_counter()
+            compressed, metrics = apply_stage(copy.deepcopy(graph), "a3", windows=calib, ratio=ratio,
+                                              statistics="sequential")
+            emit(row("a3_sequential", ratio, dense, compressed, safe_perplexity(compressed.model, test),
+                     time.perf_counter() - started, metrics["note"]))
+            del compressed
         for method in [m for m in ("a3", "a3_global") if m in methods]:
             started = time.perf_counter()
             if method == "a3":
@@ -209,7 +223,7 @@ def main() -> None:
         emit(row("dense", 0.0, dense, dense, safe_perplexity(dense.model, test), 0.0, "q/k 64, v/o 64, ff 1536"))
     if any(m in args.methods for m in ("svd", "asvd", "svd_llm")):
         baseline_rows(dense, calib, test, args.ratios, args.methods, emit)
-    if any(m in args.methods for m in ("a3", "a3_global", "ablations")):
+    if any(m in args.methods for m in ("a3", "a3_sequential", "a3_global", "ablations")):
         a3_rows(dense, calib, test, args.ratios, args.methods, args, emit)
     if "dense" in args.methods:
         print_table([result])

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from a3q.calib.layerwise import LayerwiseStage, run_layerwise
+from a3q.pipeline.runner import run_pipeline
+from a3q.pipeline.stage import CalibratingStage
 from a3q.engine import StageError, run_recipe
 from a3q.numerics import NonFiniteError
 from a3q.recipe import RecipeError, parse_recipe
@@ -49,7 +50,7 @@ def test_nan_weight_stops_the_run_naming_layer_and_tensor_and_exports_nothing(sm
     assert report["status"] == "failed" and "down_proj" in report["failed"]
 
 
-class _Poisoner(LayerwiseStage):
+class _Poisoner(CalibratingStage):
     """A stage whose processing of one layer produces a NaN (what a numerically broken stage would do)."""
 
     name = "poisoner"
@@ -63,7 +64,7 @@ def test_a_stage_that_produces_inf_is_stopped_at_that_layer(smollm2):
     graph = copy.deepcopy(smollm2)
     windows = torch.randint(0, 1000, (2, 16))
     with pytest.raises(NonFiniteError, match=r"poisoner, layer 3: .*layers\.3\.self_attn\.o_proj\.weight.* 1 inf"):
-        run_layerwise(graph, windows, [_Poisoner()], progress=False)
+        run_pipeline(graph, windows, [_Poisoner()], progress=False)
 
 
 def test_report_status_and_checks_before_loading(tmp_path, monkeypatch):

@@ -40,6 +40,11 @@ def decoder_layers(model: Any, family: str) -> Any:
     return model.model.layers if family == "llama" else model.transformer.h
 
 
+def final_norm(model: Any, family: str) -> Any:
+    """The norm between the last decoder layer and the LM head."""
+    return model.model.norm if family == "llama" else model.transformer.ln_f
+
+
 def layer_linears(model: Any, family: str, index: int) -> dict[str, Any]:
     """Short name → linear module of decoder layer ``index``."""
     layer = decoder_layers(model, family)[index]

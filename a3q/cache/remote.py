@@ -56,7 +56,7 @@ def _base_class_import(model: Any) -> tuple[str, str]:
     """``(import line, base class name)`` for the subclass, from identifiers a3q checked."""
     import transformers
 
-    from a3q.modeling import is_a3_model, remote_code_entry
+    from a3q.modeling.auto import is_a3_model, remote_code_entry
 
     if is_a3_model(model):  # a3q's own class, shipped as remote code next to this file
         stem, base = remote_code_entry(model.config.model_type)

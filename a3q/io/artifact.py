@@ -38,7 +38,7 @@ def check_target(path: Path | str) -> Path:
 
 def _adapter_set_aside(graph: ModelGraph, staging: Path, path: Path):
     """Context for saving the base model: LoRA layers set aside inside, the adapter written on exit (if any)."""
-    from a3q.stages.lora.adapter import adapter_set_aside
+    from a3q.io.adapter import adapter_set_aside
 
     return adapter_set_aside(graph, staging, path)
 
@@ -50,7 +50,7 @@ def _model_bytes(graph: ModelGraph) -> int:
 
 def save_artifact(graph: ModelGraph, path: str | Path, recipe: dict[str, Any] | None, report: list[dict]) -> Path:
     """Write ``graph`` as an artifact at ``path`` (atomically, under a lock) and return the resolved path."""
-    from a3q.modeling import is_a3_model, save_with_remote_code
+    from a3q.modeling.auto import is_a3_model, save_with_remote_code
 
     path = check_target(path)
 

@@ -24,7 +24,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _written_by_a3q(config: dict) -> bool:
     """Whether a config.json says a3q wrote the folder (so it must have a manifest)."""
-    from a3q.modeling import A3_MODEL_TYPES
+    from a3q.modeling.auto import A3_MODEL_TYPES
 
     auto_map = config.get("auto_map") or {}
     names = auto_map.values() if isinstance(auto_map, dict) else []
@@ -45,7 +45,7 @@ def load_graph(reference: str | Path, dtype: str = "float32", verify: bool = Tru
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import a3q.modeling  # noqa: F401  (registers a3q model classes with the Auto classes)
+    import a3q.modeling.auto  # noqa: F401  (registers a3q model classes with the Auto classes)
 
     path = resolve_model_path(str(reference))
     manifest = read_manifest(path)
@@ -67,14 +67,15 @@ def load_graph(reference: str | Path, dtype: str = "float32", verify: bool = Tru
     history = manifest.get("structure", {}).get("history", []) if manifest else []
     graph = describe(model, tokenizer, source=str(reference), history=history)
     _describe_storage(graph)
-    if manifest:
-        structure = manifest.get("structure", {})
-        graph.kv_cache_bits = structure.get("kv_cache_bits")
-        # the quantized-cache setting is also in generation_config.json; the (sealed) manifest is the record that counts
-        if structure.get("kv_cache") or graph.kv_cache is not None:
-            graph.set_kv_cache(structure.get("kv_cache"))
+    # the quantized-cache setting is also in generation_config.json; the (sealed) manifest is the record that counts
+    structure = manifest.get("structure", {}) if manifest else {}
+    from a3q.cache import get_settings
+
+    settings = structure.get("kv_cache") if manifest else get_settings(model)
+    if settings is not None or get_settings(model) is not None:
+        graph.set_kv_cache(settings)
     if (Path(path) / "adapter" / "adapter_config.json").is_file():  # an unmerged LoRA adapter, in PEFT's format
-        from a3q.stages.lora.adapter import attach_adapter
+        from a3q.io.adapter import attach_adapter
 
         graph = attach_adapter(graph, Path(path) / "adapter")
     return graph

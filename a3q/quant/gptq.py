@@ -2,14 +2,27 @@
 columns not yet quantized through the inverse Hessian of the layer-wise objective ``‖X Wᵀ − X Qᵀ‖²``.
 
 ``H = 2 E[x xᵀ]`` comes from the linear's inputs on calibration data (:class:`HessianAccumulator`). The inverse
-is taken once by Cholesky (after damping ``damp_percent · mean(diag H)``), and its upper Cholesky factor drives
+is taken once by Cholesky (after damping ``damp_percent · mean(diag H)``; with ``damp_auto`` the damping is
+doubled until the factorisation succeeds, and the value used is returned), and its upper Cholesky factor drives
 the updates: inside a block of columns one rank-1 update per column, after the block one matrix product for
 everything to its right (the "lazy batch" update that makes GPTQ fast).
 
-Groups: every ``group_size`` consecutive columns (in quantization order) share a scale and zero per output row,
-found from the columns' current (already error-corrected) values when the group starts. A last group shorter
-than ``group_size`` is allowed. With ``act_order`` columns are processed by decreasing ``diag H``; ``g_idx``
-records each original input's group.
+Groups share a scale and zero per output row, found from the group's current (already error-corrected) values
+when its first column is quantized. A last group shorter than ``group_size`` is allowed. The processing order:
+
+* plain: inputs in order; group g = inputs ``g·group_size …``;
+* ``act_order`` (desc_act): columns by decreasing ``diag H``, and every ``group_size`` consecutive columns *in that
+  order* form a group; ``g_idx`` records each original input's group (a permuted ``g_idx``);
+* ``act_group_aware`` (GAR, Gafni et al. 2025, as in GPTQModel): the groups stay the plain contiguous input ranges,
+  so ``g_idx[i] = i // group_size`` and the checkpoint is an ordinary (desc_act = false) GPTQ v1 checkpoint; only
+  the order in which GPTQ visits the columns changes: groups by decreasing ``max diag H`` of their members, and
+  inside each group columns by decreasing ``diag H``. The important columns are quantized while the most columns
+  are still free to absorb their error, as with act-order, at no cost in format.
+
+Inputs that never fire (zero rows of H) get weight 0 and, in H, the live inputs' mean diagonal, so the codes do
+not depend on H's scale. ``relative_error`` is the layer-wise objective in the H-weighted norm, ``‖(W − Q) H^{1/2}‖² / ‖W H^{1/2}‖²`` on the
+*undamped* Hessian: inputs that never fire (zero rows of H) count for nothing, and the figure does not depend on
+H's scale.
 """
 
 from __future__ import annotations
@@ -50,8 +63,14 @@ class QuantizedWeight:
     scales: Tensor
     zeros: Tensor
     g_idx: Tensor
-    #: ``tr((W − Q) H (W − Q)ᵀ) / tr(W H Wᵀ)``: the layer-wise objective GPTQ minimises, relative
+    #: ``tr((W − Q) H (W − Q)ᵀ) / tr(W H Wᵀ)`` on the undamped H: the layer-wise objective GPTQ minimises, relative
     relative_error: float
+    #: the damping fraction actually used (``damp_percent``, or more if ``damp_auto`` had to raise it)
+    damp_percent: float = 0.0
+
+
+class HessianNotPositiveDefinite(ValueError):
+    """The damped Hessian could not be factorised (``damp_auto`` off, or even damping 1.0 failed)."""
 
 
 def group_parameters(columns: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
@@ -83,46 +102,120 @@ def quantize_columns(columns: Tensor, scale: Tensor, zero: Tensor, bits: int) ->
     return codes, scale[:, None] * (codes - zero[:, None])
 
 
+def processing_order(diagonal: Tensor, group_size: int, act_order: bool = False,
+                     act_group_aware: bool = False) -> tuple[Tensor, Tensor]:
+    """``order`` (position → original input) and ``groups`` (position → group id) of the columns GPTQ visits.
+
+    See the module docstring. With ``group_size <= 0`` everything is group 0.
+    """
+    if act_order and act_group_aware:
+        raise ValueError("act_order and act_group_aware are exclusive (act_group_aware keeps groups contiguous)")
+    n = diagonal.shape[0]
+    group = group_size if group_size > 0 else n
+    if act_group_aware and group_size > 0:
+        starts = list(range(0, n, group))
+        local = [start + torch.argsort(diagonal[start : start + group], descending=True, stable=True) for start in starts]
+        metric = torch.stack([diagonal[start : start + group].max() for start in starts])
+        visit = torch.argsort(metric, descending=True, stable=True).tolist()
+        order = torch.cat([local[g] for g in visit])
+        groups = torch.cat([torch.full((local[g].shape[0],), g, dtype=torch.long) for g in visit])
+        return order, groups
+    if act_order:
+        order = torch.argsort(diagonal, descending=True, stable=True)
+    else:
+        order = torch.arange(n)
+    return order, torch.arange(n) // group
+
+
+def _segments(groups: Tensor) -> list[tuple[int, int, int]]:
+    """Maximal runs ``(start, end, group id)`` of equal group ids along the processing order."""
+    changes = (torch.nonzero(groups[1:] != groups[:-1]).flatten() + 1).tolist()
+    bounds = [0, *changes, groups.shape[0]]
+    return [(a, b, int(groups[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _blocks(segments: list[tuple[int, int, int]], n: int, block_size: int, grouped: bool) -> list[tuple[int, int]]:
+    """Lazy-batch blocks: whole groups (so a group's parameters come from up-to-date columns), ≤ block_size
+    columns unless one group is larger, in which case the block is that group."""
+    if not grouped:
+        return [(start, min(start + block_size, n)) for start in range(0, n, block_size)]
+    blocks, start, end = [], 0, 0
+    for a, b, _ in segments:
+        if end > start and b - start > block_size:
+            blocks.append((start, end))
+            start = a
+        end = b
+    blocks.append((start, end))
+    return blocks
+
+
+def damped_inverse_factor(H: Tensor, damp_percent: float, damp_auto: bool = False) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of ``(H + λ I)⁻¹``, ``λ = damp · mean(diag H)``, and the ``damp`` used.
+
+    With ``damp_auto`` the damping is doubled (capped at 1.0) until every factorisation succeeds; otherwise a
+    failure raises :class:`HessianNotPositiveDefinite`.
+    """
+    n = H.shape[0]
+    mean = torch.mean(torch.diag(H))
+    damp = damp_percent
+    while True:
+        damped = H + damp * mean * torch.eye(n, dtype=H.dtype)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper, damp
+        if not damp_auto or damp >= 1.0:
+            hint = "" if damp_auto else "; set damp_auto: true (or raise damp_percent)"
+            raise HessianNotPositiveDefinite(
+                f"the Hessian is not positive definite after damping {damp:g}·mean(diag H){hint}")
+        damp = min(2 * damp, 1.0)
+
+
 @torch.no_grad()
 def gptq_quantize(
     weight: Tensor, hessian: Tensor, bits: int, group_size: int = -1, sym: bool = True,
     act_order: bool = False, damp_percent: float = 0.01, block_size: int = 128,
+    act_group_aware: bool = False, damp_auto: bool = False,
 ) -> QuantizedWeight:
     """Quantize ``weight [out, in]`` given its input Hessian ``[in, in]``; see the module docstring."""
     out_features, in_features = weight.shape
-    group = group_size if group_size > 0 else in_features
-    if group_size > 0:  # groups must not straddle blocks: their parameters come from up-to-date columns
-        block_size = max(group, block_size // group * group)
+    grouped = group_size > 0
     # float32 work (float64 for float64 input, as the brute-force tests use); the Hessian is inverted in float64.
     # Columns of W are rows of Wt, so every per-column step touches contiguous memory.
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
     Wt = weight.detach().to(work).t().contiguous()  # [in, out]
-    H = hessian.to(torch.float64).clone()
+    H_measured = hessian.to(torch.float64)
+    H = H_measured.clone()
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    # an input that never fires carries no information: its weight is irrelevant (set to 0, quantized exactly) and
+    # its diagonal is set to the live inputs' mean, so neither the damping nor anything else depends on H's scale
+    live = torch.diag(H)[~dead]
+    H[dead, dead] = float(live.mean()) if live.numel() else 1.0
     Wt[dead] = 0
-    order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_features)
+    order, groups = processing_order(torch.diag(H), group_size, act_order, act_group_aware)
     Wt, H = Wt[order], H[order][:, order]
-    H_original = H.clone()
-    H += damp_percent * torch.mean(torch.diag(H)) * torch.eye(in_features, dtype=H.dtype)
-    H_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(work)
+    H_inv, damp_used = damped_inverse_factor(H, damp_percent, damp_auto)
+    H_inv = H_inv.to(work)
 
+    segments = _segments(groups)
+    group_end = {a: (b, g) for a, b, g in segments}
     codes = torch.zeros_like(Wt)
     Qt = torch.zeros_like(Wt)
-    groups = math.ceil(in_features / group)
-    scales = torch.zeros(groups, out_features, dtype=work)
-    zeros = torch.zeros(groups, out_features, dtype=work)
-    if group_size <= 0:  # one group: its parameters come from the whole (uncorrected) row, as in the paper
+    count = int(groups.max()) + 1
+    scales = torch.zeros(count, out_features, dtype=work)
+    zeros = torch.zeros(count, out_features, dtype=work)
+    if not grouped:  # one group: its parameters come from the whole (uncorrected) row, as in the paper
         scales[0], zeros[0] = group_parameters(Wt.t(), bits, sym)
-    for start in range(0, in_features, block_size):
-        end = min(start + block_size, in_features)
+    for start, end in _blocks(segments, in_features, block_size, grouped):
         block, block_inv = Wt[start:end].clone(), H_inv[start:end, start:end]
         errors = torch.zeros_like(block)
         for i in range(end - start):
             column = start + i
-            g = column // group
-            if group_size > 0 and column % group == 0:
-                scales[g], zeros[g] = group_parameters(block[i : i + group].t(), bits, sym)
+            g = int(groups[column])
+            if grouped and column in group_end:
+                stop = group_end[column][0] - start
+                scales[g], zeros[g] = group_parameters(block[i:stop].t(), bits, sym)
             code, value = quantize_columns(block[i : i + 1].t(), scales[g], zeros[g], bits)
             codes[column], Qt[column] = code[:, 0], value[:, 0]
             error = (block[i] - value[:, 0]) / block_inv[i, i]
@@ -130,16 +223,28 @@ def gptq_quantize(
             errors[i] = error
         Wt[end:] -= H_inv[start:end, end:].t() @ errors
 
-    original = weight.detach().to(torch.float64)[:, order]
-    difference = original - Qt.t().to(torch.float64)
-    residual = ((difference @ H_original) * difference).sum()
-    reference = ((original @ H_original) * original).sum()
     inverse = torch.argsort(order)
-    g_idx = (torch.arange(in_features) // group)[inverse]
+    dequantized = Qt.t()[:, inverse].to(torch.float64)
+    original = weight.detach().to(torch.float64)
     return QuantizedWeight(
         codes=codes.t()[:, inverse].to(torch.int32),
         scales=scales.to(torch.float16),
         zeros=zeros.to(torch.int32),
-        g_idx=g_idx.to(torch.int32),
-        relative_error=float(residual / reference.clamp_min(1e-30)),
+        g_idx=groups[inverse].to(torch.int32),
+        relative_error=weighted_relative_error(original, dequantized, H_measured),
+        damp_percent=damp_used,
     )
+
+
+def weighted_relative_error(weight: Tensor, dequantized: Tensor, hessian: Tensor) -> float:
+    """``tr((W − Q) H (W − Q)ᵀ) / tr(W H Wᵀ)``: GPTQ's objective relative to quantizing everything to zero.
+
+    Pass the undamped Hessian: inputs that are always zero (zero rows/columns of H) then count for nothing.
+    NaN if anything is non-finite (never hidden).
+    """
+    difference = weight - dequantized
+    residual = ((difference @ hessian) * difference).sum()
+    reference = ((weight @ hessian) * weight).sum()
+    if not bool(torch.isfinite(residual)) or not bool(torch.isfinite(reference)):
+        return math.nan
+    return float(residual / reference.clamp_min(1e-300)) if float(reference) > 0 else (0.0 if float(residual) == 0 else math.inf)

@@ -1,10 +1,20 @@
-"""Built-in stages. Importing this package registers them; add a module here to add a stage."""
+"""Built-in stages. The registry imports these modules (each registers its stage); add a module here to add one.
 
-from a3q.stages import evaluate, export, reload  # noqa: F401
-from a3q.stages.a3 import layerwise as _a3_layerwise  # noqa: F401
-from a3q.stages.a3 import stage as _a3_stage  # noqa: F401
-from a3q.stages import gptq as _gptq  # noqa: F401
-from a3q.stages import bnb as _bnb  # noqa: F401
-from a3q.stages import baselines as _baselines  # noqa: F401
-from a3q.stages import kv as _kv  # noqa: F401
-from a3q.stages.lora import stage as _lora_stage  # noqa: F401
+The names are strings, imported by :func:`a3q.registry.get_stage` on first use, so that importing a stage module
+never imports every other stage (and the package has no import cycles).
+"""
+
+BUILTIN_STAGE_MODULES = (
+    "a3q.stages.evaluate",
+    "a3q.stages.export",
+    "a3q.stages.reload",
+    "a3q.stages.a3.stage",
+    "a3q.stages.gptq",
+    "a3q.stages.bnb",
+    "a3q.stages.baselines.svd",
+    "a3q.stages.baselines.asvd",
+    "a3q.stages.baselines.svd_llm",
+    "a3q.stages.kv",
+    "a3q.stages.lora.stage",
+    "a3q.stages.lm_eval",
+)

@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 from a3q.arch import LAYER_PREFIX, LINEAR_PATHS, layer_linears
 from a3q.graph import ModelGraph
 from a3q.registry import StageConfig, register_stage
-from a3q.stages.a3.apply import with_separate_linears
+from a3q.arch.surgery import swap_module, with_separate_linears
 
 FOUR_BIT_FIELDS = ("double_quant", "compute_dtype", "blocksize")
 INT8_FIELDS = ("threshold",)
@@ -91,8 +91,7 @@ def quantize_graph(graph: ModelGraph, config: BnbConfig) -> tuple[list[str], lis
             replacement = bnb_format.quantize_linear(
                 module, config.quant_type, config.double_quant, config.compute_dtype, config.blocksize, config.threshold
             )
-            parent, _, name = path.rpartition(".")
-            setattr(graph.model.get_submodule(parent), name, replacement)
+            swap_module(graph.model, path, replacement)
             layer.quantized[short] = bnb_format.describe(replacement)
             quantized.append(path)
     return quantized, kept

@@ -15,6 +15,8 @@ from a3q.registry import StageConfig, register_stage
 class EvaluateConfig(StageConfig):
     """Perplexity over the first ``max_windows`` non-overlapping ``seq_len`` windows of a split."""
 
+    measures_quality = True
+
     corpus: Literal[CORPORA] = "enwiki"  # type: ignore[valid-type]
     split: Literal[SPLITS] = "test"  # type: ignore[valid-type]
     seq_len: int = Field(512, ge=2)

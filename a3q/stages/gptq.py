@@ -6,13 +6,18 @@
   group_size: 128      # -1: one group per row; a last, partial group is fine (A³ leaves e.g. 459 inputs)
   sym: true            # symmetric grid (zero point in the middle) or asymmetric
   act_order: false     # quantize columns by decreasing Hessian diagonal (g_idx records the groups)
+  act_group_aware: false  # GAR: visit groups by decreasing max diag H, columns inside by diag H; groups stay
+                          # contiguous, so the checkpoint stays plain v1 (desc_act false); exclusive with act_order
   damp_percent: 0.01   # λ = damp_percent · mean(diag H) added to H
+  damp_auto: false     # double the damping until the Cholesky succeeds (the values used are reported)
+  true_sequential: false  # inside a layer: q/k/v, then o, then gate/up, then down, each group's Hessian taken
+                          # from inputs that the already quantized groups before it produce
   block_size: 128      # columns per lazy-batch update
   skip_modules: []     # path fragments of decoder linears to keep in float, e.g. [mlp.down_proj, layers.0.]
 ```
 
-Calibration is sequential (:mod:`a3q.calib.layerwise`): layer l's Hessians come from inputs produced by layers
-0…l−1 as already quantized. Right after ``a3`` (uniform allocation) both share that one pass. The LM head and the
+Calibration is sequential (:mod:`a3q.pipeline.runner`): layer l's Hessians come from inputs produced by layers
+0…l−1 as already quantized (and, with ``true_sequential``, by the groups of layer l quantized before). Right after ``a3`` (uniform allocation) both share that one pass. The LM head and the
 embeddings are never quantized. Weights are stored in the GPTQ v1 layout (:class:`~a3q.quant.gptq_linear.GPTQLinear`);
 a dense Llama-family model is exported with a Hugging Face ``quantization_config`` so transformers loads it with
 gptqmodel installed.
@@ -20,19 +25,20 @@ gptqmodel installed.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from a3q.arch import LAYER_PREFIX, LINEAR_PATHS, SHARED_INPUTS, layer_linears
-from a3q.calib.layerwise import LayerwiseStage, run_layerwise
+from a3q.arch.surgery import swap_module, with_separate_linears
 from a3q.graph import ModelGraph
+from a3q.pipeline.stage import CalibratingStage, StopLayer
 from a3q.quant.gptq import HessianAccumulator, gptq_quantize
 from a3q.quant.gptq_linear import SUPPORTED_BITS, GPTQLinear
 from a3q.quant.gptq_linear import describe as describe_storage
-from a3q.registry import StageConfig, register_layerwise, register_stage
-from a3q.stages.a3.apply import with_separate_linears
+from a3q.registry import StageConfig, register_stage
 
 #: the input multiple that external GPTQ kernels (gptqmodel's CPU/GPU kernels) need per group
 KERNEL_NOTE = "external GPTQ kernels need in_features % group_size == 0"
@@ -44,15 +50,27 @@ class GPTQConfig(StageConfig):
     needs_calibration = True
     produces_quantized_weights = True
     requires_float_weights = True
+    accepts_factored_linears = False
 
     bits: int = 4
     group_size: int = 128
     sym: bool = True
     act_order: bool = False
+    act_group_aware: bool = False
     damp_percent: float = Field(0.01, gt=0.0, lt=1.0)
+    damp_auto: bool = False
+    true_sequential: bool = False
     block_size: int = Field(128, ge=1)
     batch_size: int = Field(4, ge=1)
     skip_modules: list[str] = Field(default_factory=list)
+
+    @field_validator("act_group_aware")
+    @classmethod
+    def _one_reordering(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("act_order"):
+            raise ValueError("act_order and act_group_aware are exclusive: act_order permutes the groups "
+                             "(g_idx), act_group_aware only the visiting order inside fixed groups")
+        return value
 
     @field_validator("bits")
     @classmethod
@@ -69,23 +87,35 @@ class GPTQConfig(StageConfig):
         return value
 
 
-class GPTQLayerwise(LayerwiseStage):
-    """GPTQ's part of a layer-by-layer pass: Hessians from each layer's inputs, then quantize that layer."""
+@register_stage("gptq", GPTQConfig)
+class GPTQStage(CalibratingStage):
+    """GPTQ in the engine's pipeline: Hessians from each layer's inputs (sequential statistics), then quantize it.
 
-    name = "gptq"
+    Each input group (q/k/v, o, gate/up, down) is quantized as one stacked weight with one Hessian. With
+    ``true_sequential`` the groups are quantized in forward order, one per round: after each, :meth:`process` asks
+    the pipeline for another look at the layer, and the next group's Hessian is measured with the groups before it
+    already quantized (the observing hook stops the layer as soon as it has its input).
+    """
+
+    statistics = "sequential"
 
     def __init__(self, config: GPTQConfig) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.batch_size = config, config.batch_size
         self.hessians: dict[str, HessianAccumulator] = {}
         self.errors: list[dict[str, float]] = []
+        self.damps: list[dict[str, float]] = []
         self.quantized_paths: list[str] = []
         self.kernel_refusals: list[str] = []
+        self.forward_order: list[str] = []
+        self.pending: list[str] | None = None  # groups of the current layer still to quantize (true-sequential)
+        self.layer_errors: dict[str, float] = {}
+        self.layer_damps: dict[str, float] = {}
 
     def begin(self, graph: ModelGraph) -> ModelGraph:
         return with_separate_linears(graph)
 
-    def _targets(self, graph: ModelGraph, index: int) -> list[dict[str, torch.nn.Module]]:
+    def _targets(self, graph: ModelGraph, index: int) -> dict[str, dict[str, torch.nn.Module]]:
         """The float linears to quantize, grouped by shared input (q/k/v, gate/up): one Hessian per group."""
         prefix = LAYER_PREFIX[graph.family].format(index=index)
         linears = {
@@ -94,35 +124,75 @@ class GPTQLayerwise(LayerwiseStage):
             and not any(fragment in prefix + LINEAR_PATHS[graph.family][short] for fragment in self.config.skip_modules)
         }
         groups = [{s: linears.pop(s) for s in shared if s in linears} for shared in SHARED_INPUTS[graph.family]]
-        return [group for group in groups if group] + [{short: module} for short, module in linears.items()]
+        groups = [group for group in groups if group] + [{short: module} for short, module in linears.items()]
+        return {"+".join(group): group for group in groups}
 
     def observe(self, graph: ModelGraph, index: int) -> list[Any]:
+        groups = self._targets(graph, index)
+        if self.pending is not None:  # a later round of true-sequential: the next group only, then stop the layer
+            key = self.pending[0]
+            first = next(iter(groups[key].values()))
+            self.hessians[key] = HessianAccumulator(first.in_features)
+
+            def measure(module, args, key=key):
+                self.hessians[key].add(args[0])
+                raise StopLayer
+
+            return [first.register_forward_pre_hook(measure)]
         handles = []
-        for group in self._targets(graph, index):
-            key = "+".join(group)
+        self.forward_order = []
+        sequential = self.config.true_sequential
+        for key, group in groups.items():
             first = next(iter(group.values()))
             self.hessians[key] = HessianAccumulator(first.in_features)
-            handles.append(first.register_forward_pre_hook(lambda m, args, acc=self.hessians[key]: acc.add(args[0])))
+
+            def hook(module, args, key=key):
+                if key not in self.forward_order:
+                    self.forward_order.append(key)
+                if not sequential or self.forward_order[0] == key:  # true-sequential: later groups are re-measured
+                    self.hessians[key].add(args[0])
+
+            handles.append(first.register_forward_pre_hook(hook))
         return handles
 
     @torch.no_grad()
-    def process(self, graph: ModelGraph, index: int) -> None:
-        """Quantize each input group as one stacked weight: GPTQ treats output rows independently given H."""
+    def process(self, graph: ModelGraph, index: int) -> bool:
+        """Quantize the next group(s); True asks the pipeline to observe this layer again (true-sequential)."""
+        groups = self._targets(graph, index)
+        if self.pending is None:
+            # forward order (q/k/v, o, gate/up, down); groups the observation never reached keep their listed order
+            self.pending = [k for k in self.forward_order if k in groups] + [k for k in groups if k not in self.forward_order]
+            self.layer_errors, self.layer_damps = {}, {}
+        while self.pending:
+            key = self.pending.pop(0)
+            self._quantize_group(graph, index, key, groups[key], self.hessians.pop(key))
+            if self.config.true_sequential and self.pending:
+                return True
+        self.pending = None
+        self.hessians.clear()
+        self.errors.append(self.layer_errors)
+        self.damps.append(self.layer_damps)
+        return False
+
+    def _quantize_group(self, graph: ModelGraph, index: int, key: str, group: dict[str, torch.nn.Module],
+                        accumulator: HessianAccumulator) -> None:
+        """Quantize one input group as one stacked weight: GPTQ treats output rows independently given H."""
         cfg = self.config
-        errors = {}
-        for group in self._targets(graph, index):
-            key = "+".join(group)
-            stacked = torch.cat([module.weight for module in group.values()])
-            result = gptq_quantize(stacked, self.hessians.pop(key).hessian(), cfg.bits, cfg.group_size,
-                                   cfg.sym, cfg.act_order, cfg.damp_percent, cfg.block_size)
-            errors[key] = result.relative_error
-            row = 0
-            for short, module in group.items():
-                rows = slice(row, row + module.out_features)
-                row += module.out_features
-                self._replace(graph, index, short, module, result.codes[rows], result.scales[:, rows],
-                              result.zeros[:, rows], result.g_idx)
-        self.errors.append(errors)
+        stacked = torch.cat([module.weight for module in group.values()])
+        result = gptq_quantize(stacked, accumulator.hessian(), cfg.bits, cfg.group_size, cfg.sym, cfg.act_order,
+                               cfg.damp_percent, cfg.block_size, act_group_aware=cfg.act_group_aware,
+                               damp_auto=cfg.damp_auto)
+        if not math.isfinite(result.relative_error):
+            raise FloatingPointError(
+                f"layer {index} ({key}): GPTQ's relative error is {result.relative_error} "
+                "(non-finite weights or calibration inputs)")
+        self.layer_errors[key], self.layer_damps[key] = result.relative_error, result.damp_percent
+        row = 0
+        for short, module in group.items():
+            rows = slice(row, row + module.out_features)
+            row += module.out_features
+            self._replace(graph, index, short, module, result.codes[rows], result.scales[:, rows],
+                          result.zeros[:, rows], result.g_idx)
 
     def _replace(self, graph: ModelGraph, index: int, short: str, module: torch.nn.Linear, codes, scales, zeros, g_idx) -> None:
         cfg = self.config
@@ -132,8 +202,7 @@ class GPTQLayerwise(LayerwiseStage):
         if module.bias is not None:
             quantized.bias.copy_(module.bias)
         path = LAYER_PREFIX[graph.family].format(index=index) + LINEAR_PATHS[graph.family][short]
-        parent, _, name = path.rpartition(".")
-        setattr(graph.model.get_submodule(parent), name, quantized)
+        swap_module(graph.model, path, quantized)
         self.quantized_paths.append(path)
         if cfg.group_size > 0 and module.in_features % cfg.group_size:
             self.kernel_refusals.append(f"{path} ({module.in_features} inputs)")
@@ -145,18 +214,36 @@ class GPTQLayerwise(LayerwiseStage):
                 if isinstance(module, GPTQLinear):
                     layer.quantized[short] = describe_storage(module)
         record_gptq_config(graph.model, self.config, self.quantized_paths, partial_groups=bool(self.kernel_refusals))
-        worst = max((e for layer in self.errors for e in layer.values()), default=0.0)
+        worst = worst_error(self.errors)
+        raised = sorted({d for layer in self.damps for d in layer.values() if d != self.config.damp_percent})
+        cfg = self.config
+        options = [name for name, on in (("act-order", cfg.act_order), ("act-group-aware", cfg.act_group_aware),
+                                          ("true-sequential", cfg.true_sequential)) if on]
         self.metrics = {
-            "bits": self.config.bits,
-            "group_size": self.config.group_size,
+            "bits": cfg.bits,
+            "group_size": cfg.group_size,
             "quantized_linears": len(self.quantized_paths),
             "relative_error": self.errors,
-            "note": f"{self.config.bits}-bit g{self.config.group_size}, worst layer error {worst:.2e}"
+            "worst_relative_error": worst,
+            "damp_percent_used": self.damps,
+            "note": f"{cfg.bits}-bit g{cfg.group_size}" + "".join(f", {o}" for o in options)
+                    + f", worst layer error {worst:.2e}"
+                    + (f"; damping raised to {', '.join(f'{d:g}' for d in raised)} in "
+                       f"{sum(d != cfg.damp_percent for layer in self.damps for d in layer.values())} groups" if raised else "")
                     + (f"; {len(self.kernel_refusals)} linears with a partial group ({KERNEL_NOTE})" if self.kernel_refusals else ""),
         }
         if self.kernel_refusals:
             self.metrics["partial_groups"] = self.kernel_refusals
         return graph
+
+
+def worst_error(errors: list[dict[str, float]]) -> float:
+    """The largest relative error of any layer's group; NaN if any is NaN (Python's ``max`` would skip a NaN
+    depending on where it sits), 0.0 when nothing was quantized."""
+    values = [value for layer in errors for value in layer.values()]
+    if any(math.isnan(value) for value in values):
+        return math.nan
+    return max(values, default=0.0)
 
 
 def record_gptq_config(model: Any, config: GPTQConfig, paths: list[str], partial_groups: bool = False) -> None:
@@ -169,28 +256,16 @@ def record_gptq_config(model: Any, config: GPTQConfig, paths: list[str], partial
     of 128) names gptqmodel's ``gptq_torch`` backend: its automatically chosen CPU kernel fails on them at the first
     forward, the torch one computes them correctly.
     """
-    from a3q.modeling import is_a3_model
+    from a3q.modeling.auto import is_a3_model
 
     model.config.a3q_gptq = {"bits": config.bits, "group_size": config.group_size, "sym": config.sym,
-                             "act_order": config.act_order, "modules": list(paths)}
+                             "act_order": config.act_order, "act_group_aware": config.act_group_aware,
+                             "true_sequential": config.true_sequential, "modules": list(paths)}
     if not is_a3_model(model):
         model.config.quantization_config = {
             "quant_method": "gptq", "bits": config.bits, "group_size": config.group_size,
             "desc_act": config.act_order, "sym": config.sym, "damp_percent": config.damp_percent,
-            "checkpoint_format": "gptq", "true_sequential": False,
+            "checkpoint_format": "gptq", "true_sequential": config.true_sequential,
         }
         if partial_groups:
             model.config.quantization_config["backend"] = "gptq_torch"
-
-
-@register_layerwise("gptq")
-def gptq_layerwise(config: GPTQConfig) -> GPTQLayerwise:
-    return GPTQLayerwise(config)
-
-
-@register_stage("gptq", GPTQConfig)
-def gptq(graph: ModelGraph, config: GPTQConfig, context) -> ModelGraph:
-    part = GPTQLayerwise(config)
-    graph = run_layerwise(graph, context.calibration_windows(graph), [part], config.batch_size)
-    context.metrics.update(part.metrics)
-    return graph

@@ -23,17 +23,15 @@ stage). Only one ``kv`` stage may set ``bits``.
 
 from __future__ import annotations
 
-import copy
-import time
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from a3q.arch.surgery import as_a3_graph, redescribe
 from a3q.graph import ModelGraph
 from a3q.registry import StageConfig, register_stage
-from a3q.stages.a3.apply import as_a3_graph, compress_model
+from a3q.stages.a3.layer_stage import HeadSpaceCompression
 from a3q.stages.a3.ranks import LayerRanks, plan_ranks, round_rank
-from a3q.stages.a3.statistics import collect_statistics
 
 _CACHE_FIELDS = ("group_size", "residual", "key_axis")
 
@@ -41,7 +39,9 @@ _CACHE_FIELDS = ("group_size", "residual", "key_axis")
 class KVConfig(StageConfig):
     """KV budget (``kv_ratio`` or ``qk_rank``/``vo_rank``) and quantized-cache setting; see the module docstring."""
 
-    needs_calibration = True  # only used when ranks are reduced (windows are cut lazily)
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]  (only rank reduction calibrates)
+        return self.reduces_ranks()
 
     kv_ratio: float | None = Field(None, gt=0.0, lt=1.0)
     qk_rank: int | None = Field(None, ge=2)
@@ -66,6 +66,12 @@ class KVConfig(StageConfig):
                 raise ValueError("nothing to do: set kv_ratio, qk_rank/vo_rank and/or bits")
         return self
 
+    def changes_kv_ranks(self) -> bool:
+        return self.reduces_ranks()
+
+    def quantizes_kv_cache(self) -> bool:
+        return self.bits is not None
+
     def reduces_ranks(self) -> bool:
         return self.kv_ratio is not None or self.qk_rank is not None or self.vo_rank is not None
 
@@ -89,12 +95,12 @@ class KVConfig(StageConfig):
                     f"kv_ratio: reducing KV ranks needs float weights but {spec.label} quantized them; "
                     "move this stage before it"
                 )
-            if spec.name == "a3":
+            if config.changes_kv_ranks():
                 for name in ("qk_rank", "vo_rank"):
                     mine, theirs = getattr(self, name), getattr(config, name, None)
                     if mine is not None and theirs is not None and mine > theirs:
                         problems.append(f"{name}: {mine} exceeds the {name} {theirs} that {spec.label} leaves")
-            if spec.name == "kv" and self.bits is not None and getattr(config, "bits", None) is not None:
+            if self.quantizes_kv_cache() and config.quantizes_kv_cache():
                 problems.append(f"bits: the cache is already quantized by {spec.label}; set bits in one kv stage")
         return problems
 
@@ -115,68 +121,61 @@ def plan_kv_ranks(graph: ModelGraph, config: KVConfig) -> list[LayerRanks]:
     return plans
 
 
-def reduce_kv_ranks(graph: ModelGraph, statistics: list, plans: list[LayerRanks], config: KVConfig) -> tuple[ModelGraph, list]:
-    """A³'s QK and OV solutions at the planned sizes; ``statistics`` from ``collect_statistics(…, {"qk","ov"})``."""
-    if config.kv_ratio is not None:
-        components = frozenset({"qk", "ov"})
-    else:
-        components = frozenset(c for c, rank in (("qk", config.qk_rank), ("ov", config.vo_rank)) if rank is not None)
-    return compress_model(graph, statistics, plans, config.damping, components)
-
-
-def with_own_model(graph: ModelGraph) -> ModelGraph:
-    """The same weights under a model object of their own, so setting the cache leaves ``graph`` untouched.
-
-    A shallow copy (with copies of the top-level module/parameter tables and of the generation config) is
-    enough: stages never edit weights in place, and the cache setting lives on the generation config.
-    """
-    model = copy.copy(graph.model)
-    for table in ("_modules", "_parameters", "_buffers"):
-        model.__dict__[table] = dict(graph.model.__dict__[table])
-    for patched in ("_prepare_cache_for_generation", "_a3q_cache_installed"):
-        model.__dict__.pop(patched, None)
-    model.generation_config = copy.deepcopy(graph.model.generation_config)
-    return ModelGraph(**{**vars(graph), "model": model, "layers": copy.deepcopy(graph.layers), "history": list(graph.history)})
-
-
 @register_stage("kv", KVConfig)
-def kv(graph: ModelGraph, config: KVConfig, context) -> ModelGraph:
-    bytes_before, per_layer_before = graph.kv_bytes_per_token(), graph.kv_bytes_per_layer()
-    values_before = sum(layer.kv_values_per_token() for layer in graph.layers)
-    bf16_before = values_before * 2
-    metrics: dict[str, Any] = {"kv_bytes_per_token_before": bytes_before}
-    if config.reduces_ranks():
-        graph = as_a3_graph(graph)
-        plans = plan_kv_ranks(graph, config)
-        windows = context.calibration_windows(graph)
-        started = time.perf_counter()
-        statistics = collect_statistics(graph, windows, {"qk", "ov"}, config.batch_size)
-        result, results = reduce_kv_ranks(graph, statistics, plans, config)
-        result = with_own_model(result)  # compress_model shares the generation config with the input model
-        values_after = sum(layer.kv_values_per_token() for layer in result.layers)
-        first = plans[0]
+class KVStage(HeadSpaceCompression):
+    """Fewer key/value dims (A³'s QK and OV solutions at the KV budget) and/or a quantized cache.
+
+    Rank reduction observes through the pipeline with statistics of the model as this stage finds it (``dense``);
+    a stage that only sets ``bits`` does not calibrate.
+    """
+
+    def __init__(self, config: KVConfig) -> None:
+        if config.kv_ratio is not None:
+            components = frozenset({"qk", "ov"})
+        else:
+            components = frozenset(c for c, rank in (("qk", config.qk_rank), ("ov", config.vo_rank)) if rank is not None)
+        super().__init__(components, config.damping, "dense", config.batch_size)
+        self.config = config
+
+    def calibrates(self) -> bool:
+        return self.config.reduces_ranks()
+
+    def begin(self, graph: ModelGraph) -> ModelGraph:
+        self.bytes_before, self.per_layer_before = graph.kv_bytes_per_token(), graph.kv_bytes_per_layer()
+        self.values_before = sum(layer.kv_values_per_token() for layer in graph.layers)
+        if self.config.reduces_ranks():
+            graph = as_a3_graph(graph)
+            self.plans = plan_kv_ranks(graph, self.config)
+        return graph
+
+    def finish(self, graph: ModelGraph) -> ModelGraph:
+        metrics: dict[str, Any] = {"kv_bytes_per_token_before": self.bytes_before}
+        if self.config.reduces_ranks():
+            graph = redescribe(graph)
+            values_after = sum(layer.kv_values_per_token() for layer in graph.layers)
+            first = self.plans[0]
+            metrics.update(
+                kv_rank_reduction=1 - values_after / self.values_before,
+                ranks={"qk": first.qk, "vo": first.vo} if all(p == first for p in self.plans)
+                else [[p.qk, p.vo] for p in self.plans],
+                relative_error={c: [r.relative_error.get(c) for r in self.results] for c in ("qk", "ov")},
+            )
+        if self.config.bits is not None:
+            graph.set_kv_cache(self.config.cache_setting())
+        per_layer = graph.kv_bytes_per_layer()
+        after = sum(per_layer)
+        bf16_before = self.values_before * 2
+        factor = bf16_before / bf16_equivalent_bytes(graph)
         metrics.update(
-            kv_rank_reduction=1 - values_after / values_before,
-            ranks={"qk": first.qk, "vo": first.vo} if all(p == first for p in plans) else [[p.qk, p.vo] for p in plans],
-            relative_error={c: [r.relative_error.get(c) for r in results] for c in ("qk", "ov")},
-            decomposition_seconds=time.perf_counter() - started,
+            kv_bytes_per_layer=per_layer,
+            kv_bytes_per_layer_before=self.per_layer_before,
+            kv_reduction=1 - after / self.bytes_before,
+            kv_compression_vs_bf16=factor,
+            kv_cache=graph.kv_cache,
+            note=_note(metrics, graph, after, factor),
         )
-    else:
-        result = with_own_model(graph)
-    if config.bits is not None:
-        result.set_kv_cache(config.cache_setting())
-    per_layer = result.kv_bytes_per_layer()
-    after = sum(per_layer)
-    metrics.update(
-        kv_bytes_per_layer=per_layer,
-        kv_bytes_per_layer_before=per_layer_before,
-        kv_reduction=1 - after / bytes_before,
-        kv_compression_vs_bf16=bf16_before / bf16_equivalent_bytes(result),
-        kv_cache=result.kv_cache,
-        note=_note(metrics, result, after, bf16_before / bf16_equivalent_bytes(result)),
-    )
-    context.metrics.update(metrics)
-    return result
+        self.metrics.update(metrics)
+        return graph
 
 
 def bf16_equivalent_bytes(graph: ModelGraph) -> float:

@@ -20,7 +20,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from a3q.modeling import (
+from a3q.modeling.auto import (
     A3LlamaConfig,
     A3LlamaForCausalLM,
     a3_config_from_dense,

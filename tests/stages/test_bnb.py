@@ -24,6 +24,7 @@ from a3q.io.artifact import save_artifact
 from a3q.quant import bnb as bnb_format
 from a3q.quant import storage_of, weight_bytes
 from a3q.recipe import RecipeError, parse_recipe
+from a3q.engine import apply_stage
 from a3q.registry import get_stage
 from a3q.stages.bnb import BnbConfig
 from tests.remote_code import remote_code_logits
@@ -35,9 +36,7 @@ FRESH_PROCESS_RTOL = 3e-2
 
 
 def run_bnb(graph, **fields):
-    context = types.SimpleNamespace(metrics={})
-    graph = get_stage("bnb").apply(graph, BnbConfig(**fields), context)
-    return graph, context.metrics
+    return apply_stage(graph, "bnb", BnbConfig(**fields))
 
 
 def logits(model, ids):
@@ -102,7 +101,7 @@ def test_quantizing_twice_and_float_stages_after_bnb_are_refused():
     (problem,) = _problems({"stage": "bnb"}, {"stage": "a3", "ratio": 0.2})
     assert problem.startswith("stages[1] (a3): needs float weights but stages[0] (bnb) quantized them"), problem
     (problem,) = _problems({"stage": "svd", "ratio": 0.2}, {"stage": "bnb"})
-    assert problem.startswith("stages[1] (bnb): ") and "low-rank baseline" in problem, problem
+    assert problem.startswith("stages[1] (bnb): ") and "two-factor low-rank linears of stages[0] (svd)" in problem, problem
 
 
 # ---------------------------------------------------------------- SmolLM2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -17,12 +18,14 @@ from a3q.cache.quantized import dequantize, quantize
 from a3q.calib.windows import sequential_windows
 from a3q.recipe import RecipeError, StageSpec, parse_recipe
 from a3q.registry import StageConfig
-from a3q.stages.kv import KVConfig, kv, plan_kv_ranks
+from a3q.engine import apply_stage
+from a3q.stages.kv import KVConfig, plan_kv_ranks
 
 
-def _context(graph):
+def _kv(graph, config: KVConfig):
+    """The kv stage on a copy of ``graph`` (stages change the model in place, as in a run): (graph, report fields)."""
     windows = sequential_windows(graph.tokenizer, "enwiki", "calib", 64, max_windows=2)
-    return SimpleNamespace(metrics={}, calibration_windows=lambda _graph: windows)
+    return apply_stage(copy.deepcopy(graph), "kv", config, windows=windows)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -42,7 +45,7 @@ def test_quantize_round_trip_error_is_half_a_step(bits, dim, size):
 
 @pytest.mark.parametrize("bits,key_axis", [(8, "channel"), (4, "token"), (4, "channel")])
 def test_generation_stores_what_the_graph_reports(smollm2, bits, key_axis):
-    graph = kv(smollm2, KVConfig(bits=bits, group_size=16, residual=16, key_axis=key_axis), _context(smollm2))
+    graph, _ = _kv(smollm2, KVConfig(bits=bits, group_size=16, residual=16, key_axis=key_axis))
     assert smollm2.kv_cache is None and getattr(smollm2.model.generation_config, "a3q_kv_cache", None) is None
     prompts = sequential_windows(smollm2.tokenizer, "enwiki", "test", 40, max_windows=2)
     out = graph.model.generate(
@@ -75,9 +78,7 @@ def test_kv_ratio_plans_hit_the_target():
 
 
 def test_kv_ratio_stage_on_real_model(smollm2):
-    context = _context(smollm2)
-    graph = kv(smollm2, KVConfig(kv_ratio=0.3, bits=8), context)
-    metrics = context.metrics
+    graph, metrics = _kv(smollm2, KVConfig(kv_ratio=0.3, bits=8))
     assert metrics["ranks"] == {"qk": 44, "vo": 45}
     assert metrics["kv_rank_reduction"] == pytest.approx(1 - 89 / 128)
     assert all(layer.intermediate_size == 1536 and layer.qk_head_dim == 44 for layer in graph.layers)
@@ -133,7 +134,7 @@ def test_export_reload_keeps_the_cache_setting(smollm2, tmp_path):
     from a3q.io.artifact import save_artifact
     from a3q.io.loading import load_graph
 
-    graph = kv(smollm2, KVConfig(bits=4, residual=8, group_size=16), _context(smollm2))
+    graph, _ = _kv(smollm2, KVConfig(bits=4, residual=8, group_size=16))
     path = save_artifact(graph, tmp_path / "kv4", recipe=None, report=[])
     manifest = json.loads((path / "a3q.json").read_text())
     assert manifest["structure"]["kv_cache"] == graph.kv_cache

@@ -7,7 +7,7 @@ so they cannot be added as they are. Moving budget by raw relative error was wor
 
 **Normalisation (measured sensitivity).** For every layer ℓ and component c we measure, once, the real
 effect ``s_ℓc`` of compressing only (ℓ, c) at the probe ratio (the stage's ratio) on a few calibration windows:
-the KL divergence of the model's next-token distribution from the unmodified model's (see ``SuffixLoss``), and
+the KL divergence of the model's next-token distribution from the unmodified model's (see ``measure_sensitivity``), and
 model the loss of rank r as ``s_ℓc · e_ℓc(r) / e_ℓc(r_probe)``. Why this form:
 near a trained optimum the loss grows with the second moment of the output perturbation, and the
 closed-form error *is* that second moment (up to the A³ approximations), so the ratio of errors carries
@@ -15,8 +15,10 @@ the shape of the curve and the probe fixes its scale in loss units.
 
 **Allocation.** Minimise ``Σ s_ℓc e_ℓc(r_ℓc)/e_ℓc(r_probe)`` subject to removing at least the uniform plan's
 parameters, with ``r`` on each component's grid (even under RoPE, multiples of ``rank_multiple``), never above
-the current size, and within ``±max_shift`` of the uniform kept fraction (the linear loss model is only trusted
-near the probe: unbounded, with loss-change probes, the greedy went all-or-nothing on whole MLPs and lost). By default each
+the current size, and within ``±max_shift`` of the uniform kept fraction (default 0.3, the best measured of
+0.1/0.2/0.3/unbounded on SmolLM2 at 10/20/30%; the linear loss model is only trusted near the probe: unbounded, with
+loss-change probes, the greedy went all-or-nothing on whole MLPs and lost; with KL probes unbounded was slightly worse
+than ±0.3), and never below ``MIN_KEEP`` of the size. By default each
 component keeps its own budget and only moves it between layers (``mix_components`` lifts that; moving budget
 from the MLP to QK/OV measured worse). Greedy: repeatedly take the step with the smallest loss increase per
 parameter removed. The curves are convex (sorted tails), so every greedy point is a Lagrangian optimum: no
@@ -35,6 +37,7 @@ from tqdm.auto import tqdm
 
 from a3q.arch import LAYER_PREFIX, LINEAR_PATHS
 from a3q.graph import LayerStructure, ModelGraph
+from a3q.pipeline.stage import Probe
 from a3q.stages.a3.compress import compress_layer
 from a3q.stages.a3.mlp import mlp_channel_scores, select_channels
 from a3q.stages.a3.ov import ov_svd
@@ -44,6 +47,10 @@ from a3q.stages.a3.statistics import LayerStatistics
 
 SENSITIVITY_FLOOR = 1e-3
 """A probe that did not raise the loss counts as this fraction of the median sensitivity (never zero or negative)."""
+
+MIN_KEEP = 0.25
+"""Whatever ``max_shift`` allows, no component of any layer keeps less than this fraction of its size (with
+``max_shift`` ≥ the kept fraction the bound is this floor alone: "unbounded within a floor")."""
 
 
 @dataclass
@@ -151,55 +158,6 @@ def candidate_ranks(size: int, multiple: int, even: bool, min_keep: float) -> tu
     return grid, floor_index
 
 
-def _log_probs(logits: Tensor) -> Tensor:
-    return torch.log_softmax(logits.double(), dim=-1)
-
-
-class SuffixLoss:
-    """Mean KL divergence of the model's next-token distribution from the unmodified model's, on fixed windows.
-
-    Why KL and not the change of loss: compressing one component at 20% changes the loss by ~0.005 nats, and on a
-    few hundred tokens that change was mostly noise (half the probes *lowered* the loss). The KL to the dense
-    model's predictions is never negative, measures the perturbation itself, and equals the expected loss increase
-    to first order when the model is calibrated.
-
-    A probe changes one layer, so everything before it is unchanged: for the Llama family the inputs of every layer
-    are cached in one full pass, and a probe of layer ℓ runs only layers ℓ… (half the cost on average). Other
-    families (GPT-2 adds position embeddings to ``inputs_embeds``) fall back to full passes.
-    """
-
-    def __init__(self, graph: ModelGraph, windows: Tensor) -> None:
-        self.model, self.windows = graph.model, windows
-        self.truncatable = graph.family == "llama"
-        self.inputs: dict[int, Tensor] = {}
-        handles = []
-        if self.truncatable:
-            for index, layer in enumerate(self.model.model.layers):
-                hook = lambda module, args, kwargs, i=index: self.inputs.__setitem__(i, args[0].detach().clone())
-                handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-        try:
-            self.reference = _log_probs(self._logits(0)).float()
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    @torch.no_grad()
-    def _logits(self, index: int) -> Tensor:
-        if not self.truncatable or index not in self.inputs:
-            return self.model(input_ids=self.windows, use_cache=False).logits
-        layers = self.model.model.layers
-        self.model.model.layers = torch.nn.ModuleList(list(layers)[index:])
-        try:
-            return self.model(inputs_embeds=self.inputs[index], use_cache=False).logits
-        finally:
-            self.model.model.layers = layers
-
-    def __call__(self, index: int) -> float:
-        """``E_tokens KL(p_reference ‖ p_model)`` with the model run from layer ``index`` on."""
-        reference = self.reference.double()
-        return float((reference.exp() * (reference - _log_probs(self._logits(index)))).sum(-1).mean())
-
-
 def _probe_weights(weights, layer: LayerStructure, stats: LayerStatistics, component: str, rank: int,
                    rope: bool, damping: float) -> dict[str, Tensor]:
     """Full-size weights equal to the layer with only ``component`` compressed to ``rank``.
@@ -256,45 +214,59 @@ def _probe_weights(weights, layer: LayerStructure, stats: LayerStatistics, compo
 
 
 def measure_sensitivity(graph: ModelGraph, statistics: list[LayerStatistics], probe_ranks: list[LayerRanks],
-                        windows: Tensor, components: frozenset[str], damping: float,
+                        probe: Probe | Tensor, components: frozenset[str], damping: float,
                         progress: bool = True) -> dict[str, list[float]]:
-    """KL to the unmodified model on ``windows`` when only one (layer, component) is compressed to its probe rank."""
-    model = graph.model
-    params = dict(model.named_parameters())
+    """KL to the unmodified model when only one (layer, component) is compressed to its probe rank.
+
+    ``probe`` is the pipeline's :class:`~a3q.pipeline.runner.LayerProbe` (or the windows to build one on).
+
+    Why KL and not the change of loss: compressing one component at 20% changes the loss by ~0.005 nats, and on a
+    few hundred tokens that change was mostly noise (half the probes *lowered* the loss). The KL to the dense
+    model's predictions is never negative, measures the perturbation itself, and equals the expected loss increase
+    to first order when the model is calibrated.
+    """
+    if isinstance(probe, Tensor):
+        from a3q.pipeline.runner import LayerProbe
+
+        probe = LayerProbe(graph, probe)
+    params = dict(graph.model.named_parameters())
     prefix_format, paths = LAYER_PREFIX[graph.family], LINEAR_PATHS[graph.family]
-    loss_from = SuffixLoss(graph, windows)
     sensitivity = {c: [0.0] * len(graph.layers) for c in components}
     jobs = [(i, c) for i in range(len(graph.layers)) for c in COMPONENTS if c in components]
     for index, component in tqdm(jobs, desc="A³ sensitivity", disable=not progress, leave=False):
         prefix = prefix_format.format(index=index)
         weights = {f"{s}.{k}": params[f"{prefix}{p}.{k}"].detach() for s, p in paths.items() for k in ("weight", "bias")
                    if f"{prefix}{p}.{k}" in params}
-        layer = graph.layers[index]
         rank = {"qk": probe_ranks[index].qk, "ov": probe_ranks[index].vo, "mlp": probe_ranks[index].ff}[component]
-        probe = _probe_weights(weights, layer, statistics[index], component, rank, graph.uses_rope, damping)
-        saved = {key: weights[key].clone() for key in probe}
-        with torch.no_grad():
-            for key, tensor in probe.items():
+        trial = _probe_weights(weights, graph.layers[index], statistics[index], component, rank, graph.uses_rope, damping)
+
+        @torch.no_grad()
+        def swap_in(trial=trial, prefix=prefix):
+            saved = {key: weights[key].clone() for key in trial}
+            for key, tensor in trial.items():
                 short, kind = key.split(".")
                 params[f"{prefix}{paths[short]}.{kind}"].copy_(tensor)
-            try:
-                sensitivity[component][index] = loss_from(index)
-            finally:
+
+            @torch.no_grad()
+            def restore():
                 for key, tensor in saved.items():
                     short, kind = key.split(".")
                     params[f"{prefix}{paths[short]}.{kind}"].copy_(tensor)
+            return restore
+
+        sensitivity[component][index] = probe.kl_after_change(index, swap_in)
     return sensitivity
 
 
 def plan_global_ranks(graph: ModelGraph, statistics: list[LayerStatistics], ratios: dict[str, float | None],
-                      probe_windows: Tensor, multiple: int = 1, damping: float = 1e-6, max_shift: float = 0.1,
+                      probe: Probe | Tensor, multiple: int = 1, damping: float = 1e-6, max_shift: float = 0.3,
                       mix_components: bool = False, progress: bool = True,
-                      sensitivity: dict[str, list[float]] | None = None) -> Allocation:
+                      sensitivity: dict[str, list[float]] | None = None, min_keep: float = MIN_KEEP) -> Allocation:
     """Per-layer ranks removing at least what the uniform plan removes, at the smallest modelled loss.
 
     The budget is the uniform plan's (``ratios`` rounded as ``plan_ranks`` rounds them), so global and uniform
     are compared at the same size or global is smaller. Each component of each layer keeps between
-    ``1 − ρ − max_shift`` and ``1 − ρ + max_shift`` of its size (the modelled loss is only trusted near the probe;
+    ``max(1 − ρ − max_shift, min_keep)`` and ``1 − ρ + max_shift`` of its size (the modelled loss is only trusted near the probe;
     unbounded, the greedy went all-or-nothing and lost to uniform). Without ``mix_components`` every component
     keeps its own uniform budget and only moves it between layers (moving budget between components was worse
     in measurements). ``sensitivity`` may be passed to reuse earlier probes.
@@ -304,7 +276,7 @@ def plan_global_ranks(graph: ModelGraph, statistics: list[LayerStatistics], rati
     components = frozenset(c for c in COMPONENTS if ratios.get(c) is not None)
     uniform = plan_ranks(graph.layers, ratios, {}, multiple, graph.uses_rope)
     if sensitivity is None:
-        sensitivity = measure_sensitivity(graph, statistics, uniform, probe_windows, components, damping, progress)
+        sensitivity = measure_sensitivity(graph, statistics, uniform, probe, components, damping, progress)
     values = sorted(abs(v) for c in components for v in sensitivity[c])
     floor = SENSITIVITY_FLOOR * max(values[len(values) // 2], 1e-12)
     params = dict(graph.model.named_parameters())
@@ -322,7 +294,7 @@ def plan_global_ranks(graph: ModelGraph, statistics: list[LayerStatistics], rati
         for component in sorted(components, key=COMPONENTS.index):
             size, even = kept[index][component], graph.uses_rope and component == "qk"
             keep = 1 - ratios[component]
-            grid, floor_index = candidate_ranks(size, multiple, even, max(keep - max_shift, 0.0))
+            grid, floor_index = candidate_ranks(size, multiple, even, max(keep - max_shift, min(min_keep, keep)))
             ceiling = max(probe[component], min(size, math.floor((keep + max_shift) * size)))
             top = max(i for i, r in enumerate(grid) if r <= ceiling or i == 0)
             if grid[top] < probe[component]:  # the probe rank is always reachable

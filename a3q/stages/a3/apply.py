@@ -1,4 +1,6 @@
-"""Apply a rank plan to a whole model: new weights layer by layer, then a smaller model.
+"""Apply a rank plan to a whole model from statistics already collected: new weights layer by layer, then a smaller
+model (a new object; the input graph is untouched). Used by benchmarks that sweep ratios over one set of statistics;
+the ``a3`` stage itself changes layers one at a time in the engine's pipeline.
 
 Dense Llama-family and GPT-2 models are first converted to a3q's own classes at full rank
 (identical logits), so compression is only a change of weights and per-layer sizes in the config.
@@ -8,29 +10,19 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from a3q.arch import LAYER_PREFIX, LINEAR_PATHS, describe
+from a3q.arch import LAYER_PREFIX, LINEAR_PATHS
+from a3q.arch.surgery import as_a3_graph, redescribe, with_separate_linears  # noqa: F401  (re-exported)
 from a3q.graph import ModelGraph
 from a3q.stages.a3.compress import LayerResult, compress_layer
 from a3q.stages.a3.ranks import LayerRanks
 from a3q.stages.a3.statistics import LayerStatistics
 
 
-def as_a3_graph(graph: ModelGraph) -> ModelGraph:
-    """The same model as a3q's compressed class (a no-op for models that already are)."""
-    from a3q.modeling import is_a3_model, to_a3_model
-
-    if is_a3_model(graph.model):
-        return graph
-    model = to_a3_model(graph.model)
-    converted = describe(model, graph.tokenizer, graph.source, graph.history)
-    converted.kv_cache_bits = graph.kv_cache_bits
-    return converted
-
-
-def with_separate_linears(graph: ModelGraph) -> ModelGraph:
-    """Dense GPT-2 fuses q/k/v into one Conv1D: convert it to a3q's class (same logits) so every projection is its
-    own ``nn.Linear``, as the quantization and LoRA stages need; other models are returned unchanged."""
-    return as_a3_graph(graph) if graph.family == "gpt2" else graph
+def layer_sizes(result: LayerResult) -> dict:
+    """The config's per-layer size entries of one compressed layer (for :func:`a3q.arch.surgery.rebuild_layer`)."""
+    structure = result.structure
+    return {"qk_head_dims": structure.qk_head_dim, "vo_head_dims": structure.vo_head_dim,
+            "intermediate_sizes": structure.intermediate_size, "rope_pairs": structure.rope_pairs}
 
 
 def compress_model(
@@ -42,7 +34,7 @@ def compress_model(
     progress: bool = True,
 ) -> tuple[ModelGraph, list[LayerResult]]:
     """Compress the enabled components of every layer; returns the new graph and per-layer results."""
-    from a3q.modeling import a3_config_from_dense, a3_model_from_state_dict
+    from a3q.modeling.auto import a3_config_from_dense, a3_model_from_state_dict
 
     state = graph.model.state_dict()
     paths = LINEAR_PATHS[graph.family]
@@ -73,6 +65,4 @@ def compress_model(
     config = a3_config_from_dense(graph.model.config, **overrides)
     model = a3_model_from_state_dict(config, state, reference=graph.model)
     model.generation_config = graph.model.generation_config
-    compressed = describe(model, graph.tokenizer, graph.source, graph.history)
-    compressed.kv_cache_bits = graph.kv_cache_bits
-    return compressed, results
+    return redescribe(graph, model), results

@@ -9,7 +9,8 @@ Per layer, in float64 and normalised by the token count (``G = E[x xᵀ]``):
 * ``mlp_x2 [d_ff]``: per-channel second moment of down_proj's input.
 
 Nothing of size d_model × d_model is ever built: memory is a handful of d × d matrices per head.
-Statistics come from the model as it is when the stage starts (the paper's choice).
+Which model the inputs come from (as the stage found it, or as already compressed upstream) is the stage's
+``statistics`` setting; the hooks here only accumulate.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from a3q.arch import layer_linears
 from a3q.graph import ModelGraph
@@ -81,21 +81,19 @@ def register_statistics_hooks(graph: ModelGraph, index: int, stats: LayerStatist
     return handles
 
 
-@torch.no_grad()
 def collect_statistics(
     graph: ModelGraph, windows: Tensor, components: set[str], batch_size: int = 4, progress: bool = True
 ) -> list[LayerStatistics]:
-    """Run the calibration windows through the model once and return every layer's statistics."""
+    """Every layer's statistics of the model as it is, from one pass of the engine's pipeline over ``windows``.
+
+    For benchmarks and tests that sweep budgets over one set of statistics; the ``a3`` stage observes through the
+    pipeline itself.
+    """
+    from a3q.pipeline.runner import observe_layers
+
     stats = [LayerStatistics() for _ in graph.layers]
-    handles = [h for i, s in enumerate(stats) for h in register_statistics_hooks(graph, i, s, components)]
-    device = next(graph.model.parameters()).device
-    try:
-        for start in tqdm(range(0, windows.shape[0], batch_size), desc="A³ statistics", disable=not progress, leave=False):
-            # the base model only: statistics never need the LM head's logits (~20% of the forward)
-            graph.model.base_model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    observe_layers(graph, windows, lambda g, index: register_statistics_hooks(g, index, stats[index], components),
+                   batch_size, progress, "A³ statistics")
     for layer_stats in stats:
         layer_stats.finish()
     return stats

@@ -13,7 +13,6 @@ the full whitening of SVD-LLM.
 
 from __future__ import annotations
 
-from functools import partial
 
 import torch
 from pydantic import Field
@@ -23,7 +22,7 @@ from a3q.registry import register_stage
 from a3q.stages.baselines.common import (
     BaselineConfig,
     InputStatistics,
-    run_baseline,
+    BaselineStage,
     split_singular,
 )
 
@@ -47,5 +46,8 @@ def asvd_factors(weight: Tensor, statistics: InputStatistics, rank: int, alpha: 
 
 
 @register_stage("asvd", ASVDConfig)
-def asvd(graph, config: ASVDConfig, context):
-    return run_baseline(graph, config, context, partial(asvd_factors, alpha=config.alpha), needs="mean_abs")
+class ASVDStage(BaselineStage):
+    needs = "mean_abs"
+
+    def factorize(self, weight: Tensor, statistics: InputStatistics | None, rank: int) -> tuple[Tensor, Tensor]:
+        return asvd_factors(weight, statistics, rank, alpha=self.config.alpha)

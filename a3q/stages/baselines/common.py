@@ -15,11 +15,12 @@ from dataclasses import dataclass, replace
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from a3q.arch import LAYER_PREFIX, LINEAR_PATHS, layer_linears
+from a3q.arch.surgery import as_a3_graph, redescribe, swap_module
 from a3q.graph import ModelGraph
 from a3q.modeling.a3q_factored_linear import LowRankLinear
+from a3q.pipeline.stage import CalibratingStage
 from a3q.registry import StageConfig
 
 FACTORIZED_CONFIG_KEY = "a3q_factorized"
@@ -82,38 +83,37 @@ class InputStatistics:
             self.second_moment = self.second_moment / max(self.tokens, 1)
 
 
-@torch.no_grad()
+def register_input_hooks(graph: ModelGraph, index: int, stats: dict[str, InputStatistics], second_moments: bool) -> list:
+    """Input hooks on layer ``index``'s linears filling ``stats`` (short name → statistics; shared inputs share one)."""
+    handles = []
+    shared: dict[str, InputStatistics] = {}
+    for name, module in layer_linears(graph.model, graph.family, index).items():
+        key = _SHARED_INPUT[name]
+        if key not in shared:
+            shared[key] = InputStatistics()
+            hook = lambda module, args, s=shared[key]: s.add(args[0], second_moments)  # noqa: E731
+            handles.append(module.register_forward_pre_hook(hook))
+        stats[name] = shared[key]
+    return handles
+
+
+def finish_statistics(stats: dict[str, InputStatistics]) -> None:
+    for unique in {id(s): s for s in stats.values()}.values():
+        unique.finish()
+
+
 def collect_input_statistics(
     graph: ModelGraph, windows: Tensor, second_moments: bool, batch_size: int = 4, progress: bool = True
 ) -> list[dict[str, InputStatistics]]:
-    """One forward pass with input hooks: per layer, short linear name → statistics of its input.
+    """Every layer's input statistics from one pass of the engine's pipeline (for benchmarks and tests that sweep
+    ratios over one set of statistics; the stages observe through the pipeline themselves)."""
+    from a3q.pipeline.runner import observe_layers
 
-    Linears reading the same tensor point to the same object, so q/k/v (and gate/up) cost one statistic.
-    """
-    per_layer: list[dict[str, InputStatistics]] = []
-    handles = []
-    for index in range(len(graph.layers)):
-        linears = layer_linears(graph.model, graph.family, index)
-        shared: dict[str, InputStatistics] = {}
-        stats: dict[str, InputStatistics] = {}
-        for name, module in linears.items():
-            key = _SHARED_INPUT[name]
-            if key not in shared:
-                shared[key] = InputStatistics()
-                hook = lambda module, args, s=shared[key]: s.add(args[0], second_moments)
-                handles.append(module.register_forward_pre_hook(hook))
-            stats[name] = shared[key]
-        per_layer.append(stats)
-    device = next(graph.model.parameters()).device
-    try:
-        for start in tqdm(range(0, windows.shape[0], batch_size), desc="input statistics", disable=not progress, leave=False):
-            graph.model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    per_layer: list[dict[str, InputStatistics]] = [{} for _ in graph.layers]
+    observe_layers(graph, windows, lambda g, i: register_input_hooks(g, i, per_layer[i], second_moments),
+                   batch_size, progress, "input statistics")
     for stats in per_layer:
-        for unique in {id(s): s for s in stats.values()}.values():
-            unique.finish()
+        finish_statistics(stats)
     return per_layer
 
 
@@ -127,6 +127,43 @@ def split_singular(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tensor,
     return root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
 
 
+def factor_layer(graph: ModelGraph, index: int, config: BaselineConfig, factorize: Factorizer,
+                 statistics: dict[str, InputStatistics] | None,
+                 factors_cache: dict[str, tuple[Tensor, Tensor]] | None = None) -> None:
+    """Replace every linear of layer ``index`` by its two factors, in place.
+
+    The factored ranks go into the model config (``a3q_factorized``), so that a3q's model classes rebuild the
+    modules before loading the weights, and into the layer's ``factor_ranks`` so parameter counts are right.
+    ``factors_cache`` (filled on first use) keeps each linear's full-rank factors: every baseline's rank-k factors
+    are the first k rows / columns of them, so sweeping ratios costs one SVD per linear.
+    """
+    factored = dict(getattr(graph.model.config, FACTORIZED_CONFIG_KEY, None) or {})
+    prefix = LAYER_PREFIX[graph.family].format(index=index)
+    for name, linear in layer_linears(graph.model, graph.family, index).items():
+        if isinstance(linear, LowRankLinear):
+            raise TypeError(f"layer {index} {name} is already factored (one baseline per model)")
+        fan_in, fan_out = linear.in_features, linear.out_features
+        rank = factor_rank(fan_in, fan_out, config.ratio) if config.ratio is not None else min(config.rank, fan_in, fan_out)
+        stats = None if statistics is None else statistics[name]
+        path = prefix + LINEAR_PATHS[graph.family][name]
+        if factors_cache is None:
+            first, second = factorize(linear.weight.detach().double(), stats, rank)
+        else:
+            if path not in factors_cache:
+                factors_cache[path] = factorize(linear.weight.detach().double(), stats, min(fan_in, fan_out))
+            first, second = factors_cache[path][0][:rank], factors_cache[path][1][:, :rank]
+        replacement = LowRankLinear.like(linear, rank)
+        with torch.no_grad():
+            replacement.first.weight.copy_(first)
+            replacement.second.weight.copy_(second)
+            if linear.bias is not None:
+                replacement.second.bias.copy_(linear.bias)
+        swap_module(graph.model, path, replacement)
+        factored[path] = rank
+        graph.layers[index].factor_ranks[name] = rank
+    setattr(graph.model.config, FACTORIZED_CONFIG_KEY, factored)
+
+
 def factorize_model(
     graph: ModelGraph,
     config: BaselineConfig,
@@ -134,74 +171,63 @@ def factorize_model(
     statistics: list[dict[str, InputStatistics]] | None,
     factors_cache: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> ModelGraph:
-    """A copy of ``graph`` whose decoder linears are :class:`LowRankLinear` (the input graph is left untouched).
-
-    The factored ranks go into the model config (``a3q_factorized``) so that ``a3q.load`` can rebuild the
-    modules before loading the weights, and into each layer's ``factor_ranks`` so parameter counts are right.
-    ``factors_cache`` (a dict, filled on first use) keeps each linear's full-rank factors: every baseline's
-    rank-k factors are the first k rows / columns of them, so sweeping ratios costs one SVD per linear.
-    """
-    model = copy.deepcopy(graph.model)
-    factored = dict(getattr(model.config, FACTORIZED_CONFIG_KEY, None) or {})
-    layers = []
-    prefix_format = LAYER_PREFIX[graph.family]
-    for index, layer in enumerate(graph.layers):
-        linears = layer_linears(model, graph.family, index)
-        ranks = dict(layer.factor_ranks)
-        for name, linear in linears.items():
-            if isinstance(linear, LowRankLinear):
-                raise TypeError(f"layer {index} {name} is already factored (one baseline per model)")
-            fan_in, fan_out = linear.in_features, linear.out_features
-            rank = factor_rank(fan_in, fan_out, config.ratio) if config.ratio is not None else min(config.rank, fan_in, fan_out)
-            stats = statistics[index][name] if statistics is not None else None
-            path = prefix_format.format(index=index) + LINEAR_PATHS[graph.family][name]
-            if factors_cache is None:
-                first, second = factorize(linear.weight.detach().double(), stats, rank)
-            else:
-                if path not in factors_cache:
-                    factors_cache[path] = factorize(linear.weight.detach().double(), stats, min(fan_in, fan_out))
-                first, second = factors_cache[path][0][:rank], factors_cache[path][1][:, :rank]
-            replacement = LowRankLinear.like(linear, rank)
-            with torch.no_grad():
-                replacement.first.weight.copy_(first)
-                replacement.second.weight.copy_(second)
-                if linear.bias is not None:
-                    replacement.second.bias.copy_(linear.bias)
-            model.set_submodule(path, replacement)
-            factored[path] = rank
-            ranks[name] = rank
-        layers.append(replace(layer, factor_ranks=ranks))
-    setattr(model.config, FACTORIZED_CONFIG_KEY, factored)
-    return replace(graph, model=model, layers=layers, history=list(graph.history))
+    """A factored copy of ``graph`` (the input is left untouched), from statistics already collected: for benchmarks
+    that sweep ratios (see :func:`factor_layer` for ``factors_cache``). The stages factor in place instead."""
+    copied = replace(graph, model=copy.deepcopy(graph.model), layers=copy.deepcopy(graph.layers),
+                     history=list(graph.history))
+    for index in range(len(copied.layers)):
+        factor_layer(copied, index, config, factorize, None if statistics is None else statistics[index], factors_cache)
+    return copied
 
 
-def run_baseline(graph: ModelGraph, config: BaselineConfig, context, factorize: Factorizer, needs: str | None) -> ModelGraph:
-    """Shared stage body: statistics (``needs``: None, ``mean_abs`` or ``second_moment``), factorise, report."""
-    import time
+class BaselineStage(CalibratingStage):
+    """A low-rank baseline in the engine's pipeline: input statistics of each layer (from the model as the stage
+    found it), then that layer's linears factored in place. Subclasses set :attr:`needs` and :meth:`factorize`."""
 
-    from a3q.stages.a3.apply import as_a3_graph
+    #: the statistics the factorisation reads: None (no data), ``mean_abs`` or ``second_moment``
+    needs: str | None = None
+    statistics = "dense"
 
-    # a3q's own classes (same logits at full rank): separate q/k/v linears for GPT-2, and a model class whose
-    # constructor rebuilds the factored linears, so the artifact loads right under trust_remote_code and cannot be
-    # mistaken by plain transformers for a dense model with missing weights
-    graph = as_a3_graph(graph)
-    params_before = graph.decoder_linear_params()
-    started = time.perf_counter()
-    statistics = None
-    if needs is not None:
-        windows = context.calibration_windows(graph)
-        statistics = collect_input_statistics(graph, windows, needs == "second_moment", config.batch_size)
-    calibrated = time.perf_counter()
-    factored = factorize_model(graph, config, factorize, statistics)
-    finished = time.perf_counter()
-    params_after = factored.decoder_linear_params()
-    ranks = sorted({rank for layer in factored.layers for rank in layer.factor_ranks.values()})
-    context.metrics.update(
-        achieved_ratio=1 - params_after / params_before,
-        params_before=params_before,
-        factor_ranks={name: rank for name, rank in factored.layers[0].factor_ranks.items()},
-        calibration_seconds=calibrated - started,
-        decomposition_seconds=finished - calibrated,
-        note=f"ρ={1 - params_after / params_before:.3f} ranks {ranks[0]}…{ranks[-1]}",
-    )
-    return factored
+    def __init__(self, config: BaselineConfig) -> None:
+        super().__init__()
+        self.config, self.batch_size = config, config.batch_size
+        self.layer_statistics: dict[int, dict[str, InputStatistics]] = {}
+
+    def factorize(self, weight: Tensor, statistics: InputStatistics | None, rank: int) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def calibrates(self) -> bool:
+        return self.needs is not None
+
+    def begin(self, graph: ModelGraph) -> ModelGraph:
+        # a3q's own classes (same logits at full rank): separate q/k/v linears for GPT-2, and a model class whose
+        # constructor rebuilds the factored linears, so the artifact loads right under trust_remote_code and cannot
+        # be mistaken by plain transformers for a dense model with missing weights
+        graph = as_a3_graph(graph)
+        self.params_before = graph.decoder_linear_params()
+        return graph
+
+    def observe(self, graph: ModelGraph, index: int) -> list:
+        self.layer_statistics[index] = {}
+        return register_input_hooks(graph, index, self.layer_statistics[index], self.needs == "second_moment")
+
+    def process(self, graph: ModelGraph, index: int) -> None:
+        statistics = self.layer_statistics.pop(index)
+        finish_statistics(statistics)
+        factor_layer(graph, index, self.config, self.factorize, statistics)
+
+    def finish(self, graph: ModelGraph) -> ModelGraph:
+        if not self.calibrates():  # data-free: every layer now
+            for index in range(len(graph.layers)):
+                factor_layer(graph, index, self.config, self.factorize, None)
+        factored = redescribe(graph)
+        params_after = factored.decoder_linear_params()
+        ranks = sorted({rank for layer in factored.layers for rank in layer.factor_ranks.values()})
+        achieved = 1 - params_after / self.params_before
+        self.metrics.update(
+            achieved_ratio=achieved,
+            params_before=self.params_before,
+            factor_ranks=dict(factored.layers[0].factor_ranks),
+            note=f"ρ={achieved:.3f} ranks {ranks[0]}…{ranks[-1]}",
+        )
+        return factored

@@ -18,8 +18,8 @@ from torch import Tensor
 from a3q.registry import register_stage
 from a3q.stages.baselines.common import (
     BaselineConfig,
+    BaselineStage,
     InputStatistics,
-    run_baseline,
     split_singular,
 )
 
@@ -37,5 +37,8 @@ def svd_factors(weight: Tensor, statistics: InputStatistics | None, rank: int) -
 
 
 @register_stage("svd", SVDConfig)
-def svd(graph, config: SVDConfig, context):
-    return run_baseline(graph, config, context, svd_factors, needs=None)
+class SVDStage(BaselineStage):
+    needs = None
+
+    def factorize(self, weight: Tensor, statistics: InputStatistics | None, rank: int) -> tuple[Tensor, Tensor]:
+        return svd_factors(weight, statistics, rank)

@@ -14,7 +14,6 @@ SVD-LLM's LoRA update after truncation is not included (a3q's LoRA stage is the 
 
 from __future__ import annotations
 
-from functools import partial
 
 import torch
 from pydantic import Field
@@ -23,8 +22,8 @@ from torch import Tensor
 from a3q.registry import register_stage
 from a3q.stages.baselines.common import (
     BaselineConfig,
+    BaselineStage,
     InputStatistics,
-    run_baseline,
     split_singular,
 )
 
@@ -59,5 +58,8 @@ def svd_llm_factors(weight: Tensor, statistics: InputStatistics, rank: int, damp
 
 
 @register_stage("svd_llm", SVDLLMConfig)
-def svd_llm(graph, config: SVDLLMConfig, context):
-    return run_baseline(graph, config, context, partial(svd_llm_factors, damping=config.damping), needs="second_moment")
+class SVDLLMStage(BaselineStage):
+    needs = "second_moment"
+
+    def factorize(self, weight: Tensor, statistics: InputStatistics | None, rank: int) -> tuple[Tensor, Tensor]:
+        return svd_llm_factors(weight, statistics, rank, damping=self.config.damping)

@@ -1,5 +1,5 @@
-"""LoRA through PEFT: the ``lora`` stage (``stage``), its config (``config``), the training loop (``train``),
-PEFT support for a3q's quantized linears (``custom``) and the adapter's export/load (``adapter``).
+"""LoRA through PEFT: the ``lora`` stage (``stage``), its config (``config``) and the training loop (``train``).
 
-Importing :mod:`a3q.stages.lora.stage` registers the stage (``a3q.stages`` does it).
+The adapter's export/load in PEFT's format is :mod:`a3q.io.adapter`; PEFT support for a3q's quantized linears is
+:mod:`a3q.io.peft_modules` (both are used by loading, which must not depend on a stage).
 """

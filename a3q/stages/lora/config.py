@@ -17,6 +17,7 @@ class LoraConfig(StageConfig):
     """LoRA through PEFT; see :mod:`a3q.stages.lora` for what each field does."""
 
     accepts_factored_linears = False  # PEFT adapts nn.Linear (and quantized linears), not two-factor modules
+    trains = True  # the engine repeats the recipe's last perplexity measurement after training
 
     r: int = Field(8, ge=1, le=4096)
     alpha: float = Field(16.0, gt=0.0)
@@ -61,7 +62,7 @@ class LoraConfig(StageConfig):
                 f"merge: cannot merge the adapter into weights that {quantized.label} quantized; set merge: false "
                 "(the adapter is kept and exported next to the quantized base) or put this stage before the quantization"
             )
-        unmerged = next((spec for spec in earlier if spec.name == "lora" and not spec.config.merge), None)
+        unmerged = next((spec for spec in earlier if spec.config.keeps_adapter()), None)
         if unmerged is not None:
             problems.append(
                 f"the model already carries the unmerged adapter of {unmerged.label}; set merge: true there to stack adapters"

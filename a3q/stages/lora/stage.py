@@ -19,7 +19,7 @@
 
 **Bases.** A float model (dense or A³-compressed): PEFT's LoRA ``Linear`` layers. A bitsandbytes 4/8-bit model
 (``bnb`` stage): QLoRA, ``prepare_model_for_kbit_training`` then PEFT's bnb LoRA layers. A model quantized by a3q's
-``gptq`` stage: its ``GPTQLinear`` is registered with PEFT as a custom module type (:mod:`a3q.stages.lora.custom`),
+``gptq`` stage: its ``GPTQLinear`` is registered with PEFT as a custom module type (:mod:`a3q.io.peft_modules`),
 so gradients reach the adapter through the dequantised weight. The adapter is trained in float32
 (``autocast_adapter_dtype``); the base stays frozen.
 
@@ -28,18 +28,18 @@ model again, so ``a3 → lora(merge) → gptq`` fine-tunes in float and quantize
 an adapter, so ``merge: true`` after a quantizing stage fails at validation. ``merge: false`` keeps the adapter:
 ``graph.model`` is the causal LM with LoRA layers injected (so ``evaluate`` measures base + adapter) and
 ``graph.adapter`` the PeftModel; ``export`` writes the base artifact without LoRA keys and the adapter in PEFT's
-format in ``adapter/`` (:mod:`a3q.stages.lora.adapter`). The model is adapted in place (as PEFT does).
+format in ``adapter/`` (:mod:`a3q.io.adapter`). The model is adapted in place (as PEFT does).
 
 **Report row.** ``steps``, ``train_loss`` (mean of the last 10% of steps), ``loss_first``, ``loss_curve``,
 ``train_seconds``, ``seconds_per_step``, ``tokens``, ``trainable_params``; when an ``evaluate`` stage comes before
-this one, the same evaluation is repeated after training: ``ppl_before`` (that stage's number) and ``ppl`` (after).
+this one, the engine repeats that evaluation after training (``trains`` on the config): ``ppl_before`` (that stage's
+number) and ``ppl`` (after).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -47,8 +47,8 @@ import torch
 from a3q.arch import LAYER_PREFIX, LINEAR_PATHS
 from a3q.graph import ModelGraph
 from a3q.registry import register_stage
-from a3q.stages.a3.apply import with_separate_linears
-from a3q.stages.lora.adapter import with_adapter
+from a3q.arch.surgery import with_separate_linears
+from a3q.io.adapter import with_adapter
 from a3q.stages.lora.config import LoraConfig
 from a3q.stages.lora.train import train, training_windows
 
@@ -73,7 +73,7 @@ def peft_lora_config(graph: ModelGraph, config: LoraConfig):
     """PEFT's LoraConfig for this stage, with a3q's custom quantized-linear types registered."""
     from peft import LoraConfig as PeftLoraConfig
 
-    from a3q.stages.lora.custom import register_custom_modules
+    from a3q.io.peft_modules import register_custom_modules
 
     peft_config = PeftLoraConfig(
         r=config.r,
@@ -104,34 +104,12 @@ def add_adapter(graph: ModelGraph, config: LoraConfig):
     return get_peft_model(model, peft_lora_config(graph, config), autocast_adapter_dtype=True)
 
 
-def _earlier_evaluation(context) -> tuple[Any, dict[str, Any]] | None:
-    """The last ``evaluate`` stage before this one and its report row, if the recipe evaluated already."""
-    stages = getattr(getattr(context, "recipe", None), "stages", None)
-    report = getattr(context, "report", None)
-    if not stages or report is None:
-        return None
-    spec = next((s for s in reversed(stages[: context.spec.index]) if s.name == "evaluate"), None)
-    if spec is None:
-        return None
-    row = next((r for r in reversed(report.rows) if r.get("stage") == "evaluate" and "ppl" in r), None)
-    return (spec, row) if row is not None else None
-
-
-def _evaluate_like(graph: ModelGraph, spec, context) -> dict[str, Any]:
-    """Run the ``evaluate`` stage ``spec`` again on ``graph``; its metrics (``ppl``, ``eval``)."""
-    from a3q.stages.evaluate import evaluate
-
-    scratch = SimpleNamespace(metrics={}, spec=SimpleNamespace(label=f"{context.spec.label}: evaluation after"))
-    evaluate(graph, spec.config, scratch)
-    return scratch.metrics
-
-
 @register_stage("lora", LoraConfig)
 def lora(graph: ModelGraph, config: LoraConfig, context) -> ModelGraph:
     if graph.adapter is not None:
         raise ValueError("the model already carries an unmerged LoRA adapter; merge it first (merge: true)")
     graph = with_separate_linears(graph)
-    label = getattr(getattr(context, "spec", None), "label", "lora")
+    label = context.spec.label
     pool = training_windows(graph.tokenizer, config.corpus, config.split, config.seq_len,
                             config.steps * config.batch_size, config.seed)
     frozen = [(p, p.requires_grad) for p in graph.model.parameters()]
@@ -140,7 +118,7 @@ def lora(graph: ModelGraph, config: LoraConfig, context) -> ModelGraph:
         torch.manual_seed(config.seed)
         adapter = add_adapter(graph, config)
         if config.merge:  # fail before training, not after
-            from a3q.stages.lora.custom import quantized_targets
+            from a3q.io.peft_modules import quantized_targets
 
             unmergeable = quantized_targets(model)
             if unmergeable:
@@ -180,11 +158,5 @@ def lora(graph: ModelGraph, config: LoraConfig, context) -> ModelGraph:
         "merged": config.merge,
     }
     note = f"r={config.r} {result.steps} steps, loss {result.losses[0]:.3f}→{result.final_loss:.3f}"
-    earlier = _earlier_evaluation(context)
-    if earlier is not None:
-        spec, row = earlier
-        after = _evaluate_like(graph, spec, context)
-        metrics.update(ppl_before=row["ppl"], ppl=after["ppl"], eval=after["eval"])
-        note += f", ppl {row['ppl']:.2f}→{after['ppl']:.2f}"
     context.metrics.update(metrics, note=note + (", merged" if config.merge else ""))
     return graph

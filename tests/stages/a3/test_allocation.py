@@ -153,24 +153,56 @@ def test_config_refuses_global_with_explicit_ranks_and_a3_after_a_baseline():
     raw = {"model": "smollm2-135m", "stages": [{"stage": "svd_llm", "ratio": 0.2}, {"stage": "a3", "ratio": 0.2}]}
     with pytest.raises(RecipeError) as caught:
         parse_recipe(raw)
-    assert any("cannot follow a low-rank baseline" in problem for problem in caught.value.problems)
+    assert any("cannot work on the two-factor low-rank linears of stages[0] (svd_llm)" in problem
+               for problem in caught.value.problems)
 
 
-def test_suffix_kl_from_cached_layer_inputs_equals_the_full_forward():
+def test_probe_kl_from_cached_layer_inputs_equals_the_full_forward():
     import torch.nn.functional as F
 
-    from a3q.stages.a3.allocation import SuffixLoss
+    from a3q.pipeline.runner import LayerProbe
 
     graph = graph_of(tiny_llama(kv_heads=2))
     windows = tokens(2, 20)
     with torch.no_grad():
         reference = F.log_softmax(graph.model(input_ids=windows).logits.double(), dim=-1)
-    kl = SuffixLoss(graph, windows)
-    assert sorted(kl.inputs) == list(range(len(graph.layers)))
-    assert kl(0) == pytest.approx(0, abs=1e-6) and kl(1) == pytest.approx(0, abs=1e-6)
+    probe = LayerProbe(graph, windows)
+    assert len(probe.inputs) == len(graph.layers)
+    unchanged = lambda: (lambda: None)  # noqa: E731
+    assert probe.kl_after_change(0, unchanged) == pytest.approx(0, abs=1e-6)
+    assert probe.kl_after_change(1, unchanged) == pytest.approx(0, abs=1e-6)
+    weight = graph.model.model.layers[1].mlp.down_proj.weight
+
+    def halve():  # a probe changes a later layer
+        saved = weight.detach().clone()
+        weight.data.mul_(0.5)
+        return lambda: weight.data.copy_(saved)
+
     with torch.no_grad():
-        graph.model.model.layers[1].mlp.down_proj.weight.mul_(0.5)  # a probe changes a later layer
+        undo = halve()
         changed = F.log_softmax(graph.model(input_ids=windows).logits.double(), dim=-1)
+        undo()
     full = float((reference.exp() * (reference - changed)).sum(-1).mean())
-    assert full > 0 and kl(1) == pytest.approx(full, rel=1e-3) and kl(0) == pytest.approx(full, rel=1e-3)  # float32 reference
-    assert len(graph.model.model.layers) == 2, "the layer list must be restored"
+    assert full > 0
+    assert probe.kl_after_change(1, halve) == pytest.approx(full, rel=1e-3)  # float32 reference
+    assert probe.kl_after_change(0, halve) == pytest.approx(full, rel=1e-3)
+    with torch.no_grad():  # every change was undone
+        assert torch.allclose(F.log_softmax(graph.model(input_ids=windows).logits.double(), dim=-1), reference)
+
+
+def test_unbounded_shift_stops_at_the_floor():
+    """max_shift ≥ the kept fraction means "unbounded within the floor": no component keeps less than min_keep."""
+    graph = graph_of(tiny_llama(kv_heads=2))
+    windows = tokens()
+    stats = collect_statistics(graph, windows, set(ALL), progress=False)
+    ratios = {c: 0.5 for c in ALL}
+    bounded = plan_global_ranks(graph, stats, ratios, windows[:2], max_shift=0.1, progress=False)
+    for min_keep in (0.25, 0.4):
+        unbounded = plan_global_ranks(graph, stats, ratios, windows[:2], max_shift=0.99, progress=False,
+                                      sensitivity=bounded.sensitivity, min_keep=min_keep)
+        assert unbounded.removed >= unbounded.target
+        for plan, layer in zip(unbounded.plans, graph.layers):
+            assert plan.ff >= min_keep * layer.intermediate_size - 1
+            assert plan.qk >= min_keep * layer.qk_head_dim - 2 and plan.vo >= min_keep * layer.vo_head_dim - 1
+        spread = max(p.ff for p in unbounded.plans) - min(p.ff for p in unbounded.plans)
+        assert spread >= max(p.ff for p in bounded.plans) - min(p.ff for p in bounded.plans)  # wider than ±0.1

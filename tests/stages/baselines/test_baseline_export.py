@@ -1,4 +1,8 @@
-"""A baseline's artifact loads right everywhere, or not at all: never as a dense model with random weights."""
+"""A baseline's artifact loads right everywhere, or not at all: never as a dense model with random weights.
+
+The mechanism (a3q's model class rebuilding two-factor linears from ``config.a3q_factorized``) does not depend on the
+model's size, so a tiny Llama with the real tokenizer keeps this fast; ``test_baselines`` covers SmolLM2 itself.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,11 @@ import textwrap
 
 import torch
 
-import a3q
-from a3q.recipe import parse_recipe
-from a3q.engine import run_recipe
+from a3q.arch import describe
+from a3q.io.artifact import save_artifact
 from tests.remote_code import remote_code_logits
+from tests.stages.a3.test_pipeline_tiny import tiny_llama, tokens
+from tests.stages.baselines.test_baselines import logits, run_stage
 
 _PLAIN = textwrap.dedent(
     """
@@ -24,22 +29,18 @@ _PLAIN = textwrap.dedent(
 )
 
 
-def test_factored_artifact_needs_remote_code_and_then_matches(tmp_path):
-    recipe = parse_recipe({"model": "smollm2-135m", "stages": [{"stage": "svd", "ratio": 0.1},
-                                                             {"stage": "export", "path": str(tmp_path / "svd")}]})
-    result = run_recipe(recipe, tmp_path / "run", show_table=False)
-    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 28, 2]])
-    with torch.no_grad():
-        expected = result.graph.model(input_ids=ids).logits
+def test_factored_artifact_needs_remote_code_and_then_matches(smollm2, tmp_path):
+    graph = describe(tiny_llama(kv_heads=2), tokenizer=smollm2.tokenizer, source="tiny")
+    factored, _ = run_stage("svd_llm", graph, tokens(), ratio=0.3)
+    path = save_artifact(factored, tmp_path / "svd_llm", recipe=None, report=[])
+    ids = tokens(2, 16)
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("PYTHONPATH", None)
-    plain = subprocess.run([sys.executable, "-c", _PLAIN, str(tmp_path / "svd")], env=env, cwd=tmp_path,
+    plain = subprocess.run([sys.executable, "-c", _PLAIN, str(path)], env=env, cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
     assert plain.returncode != 0, "plain transformers built a model from a factored artifact"
     assert "trust_remote_code" in plain.stderr
 
-    remote = remote_code_logits(tmp_path / "svd", ids, expected_class="A3LlamaForCausalLM")
-    assert torch.equal(remote, expected)
-    with torch.no_grad():
-        assert torch.equal(a3q.load(str(tmp_path / "svd")).model(input_ids=ids).logits, expected)
+    remote = remote_code_logits(path, ids, expected_class="A3LlamaForCausalLM")
+    assert torch.equal(remote, logits(factored, ids))

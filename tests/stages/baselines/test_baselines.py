@@ -6,8 +6,8 @@ the whitening's optimality on real activations with a handful of calibration tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import copy
+
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ import torch
 import a3q
 from a3q.arch import describe, layer_linears
 from a3q.io.artifact import save_artifact
-from a3q.registry import get_stage
+from a3q.engine import apply_stage
 from a3q.stages.baselines.common import (
     LowRankLinear,
     collect_input_statistics,
@@ -26,21 +26,9 @@ from tests.stages.a3.test_pipeline_tiny import tiny_gpt2, tiny_llama, tokens
 METHODS = ("svd", "asvd", "svd_llm")
 
 
-@dataclass
-class FakeContext:
-    """The part of the engine's StageContext a baseline uses."""
-
-    windows: torch.Tensor
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-    def calibration_windows(self, graph):
-        return self.windows
-
-
 def run_stage(name: str, graph, windows, **config):
-    entry = get_stage(name)
-    context = FakeContext(windows)
-    return entry.apply(graph, entry.config_class(**config), context), context.metrics
+    """Run a baseline on a copy of ``graph`` (stages change the model in place, as in a run)."""
+    return apply_stage(copy.deepcopy(graph), name, windows=windows, **config)
 
 
 def logits(graph, ids):
@@ -148,6 +136,8 @@ def test_truncating_cached_full_rank_factors_equals_factoring_at_the_rank(method
     from a3q.stages.baselines.common import factorize_model
 
     graph = describe(tiny_llama(kv_heads=2).double(), tokenizer=None, source="tiny")
+    from a3q.registry import get_stage
+
     entry = get_stage(method)
     stats = collect_input_statistics(graph, tokens(), second_moments=True, progress=False)
     stats = None if method == "svd" else stats

@@ -24,7 +24,7 @@ from a3q.recipe import RecipeError, StageSpec, parse_recipe
 from a3q.registry import StageConfig
 from a3q.stages.a3.apply import as_a3_graph
 from a3q.stages.lora.config import LoraConfig
-from a3q.stages.lora.stage import lora
+from a3q.engine import apply_stage
 from a3q.stages.lora.train import next_token_loss, training_windows
 from tests.remote_code import remote_code_logits
 
@@ -59,9 +59,7 @@ def tiny(tokenizer):
 
 def run_lora(graph, **fields):
     """The stage on a deep copy of ``graph`` (fixtures are never modified); returns (graph, metrics)."""
-    context = types.SimpleNamespace(metrics={}, spec=types.SimpleNamespace(label="lora", index=0))
-    result = lora(copy.deepcopy(graph), LoraConfig(**{**FAST, **fields}), context)
-    return result, context.metrics
+    return apply_stage(copy.deepcopy(graph), "lora", LoraConfig(**{**FAST, **fields}))
 
 
 def lora_weights(graph) -> dict[str, torch.Tensor]:
@@ -221,29 +219,22 @@ def test_dense_gpt2_gets_adapters_on_its_split_projections(tokenizer, probe):
 def test_a_second_adapter_needs_the_first_merged(tiny):
     trained, _ = run_lora(tiny, steps=1)
     with pytest.raises(ValueError, match="already carries an unmerged LoRA adapter"):
-        lora(trained, LoraConfig(**FAST), types.SimpleNamespace(metrics={}))
+        apply_stage(trained, "lora", LoraConfig(**FAST))
 
 
 # ---------------------------------------------------------------- quantized bases
 
 
-def _calibration_context(tokenizer):
-    windows = training_windows(tokenizer, "enwiki", "calib", 32, 4, seed=0)
-    return types.SimpleNamespace(metrics={}, calibration_windows=lambda _graph: windows, spec=types.SimpleNamespace(label="q", index=0))
-
-
 @pytest.fixture(scope="module")
 def tiny_gptq(tiny, tokenizer):
-    from a3q.registry import get_stage
-
-    entry = get_stage("gptq")
-    return entry.apply(copy.deepcopy(tiny), entry.config_class(bits=4, group_size=16), _calibration_context(tokenizer))
+    windows = training_windows(tokenizer, "enwiki", "calib", 32, 4, seed=0)
+    return apply_stage(copy.deepcopy(tiny), "gptq", windows=windows, bits=4, group_size=16)[0]
 
 
 def test_gptq_base_trains_through_the_dequantised_weight_and_round_trips(tiny_gptq, probe, tmp_path):
     from peft.tuners.lora.gptq import GPTQLoraLinear
 
-    from a3q.stages.lora.custom import is_gptq_linear
+    from a3q.io.peft_modules import is_gptq_linear
 
     assert any(is_gptq_linear(m) for m in tiny_gptq.model.modules())
     codes_before = {n: b.clone() for n, b in tiny_gptq.model.named_buffers() if n.endswith("qweight")}
@@ -276,10 +267,7 @@ def test_merge_into_a_quantized_model_fails_clearly_at_run_time(tiny_gptq):
 
 @pytest.fixture(scope="module")
 def tiny_nf4(tiny):
-    from a3q.registry import get_stage
-
-    entry = get_stage("bnb")
-    return entry.apply(copy.deepcopy(tiny), entry.config_class(quant_type="nf4"), types.SimpleNamespace(metrics={}))
+    return apply_stage(copy.deepcopy(tiny), "bnb", quant_type="nf4")[0]
 
 
 def test_qlora_on_nf4_trains_and_round_trips(tiny_nf4, probe, tmp_path):

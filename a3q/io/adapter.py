@@ -16,7 +16,7 @@ model = PeftModel.from_pretrained(base, "out/smollm2-a3-20-lora/adapter")
 ```
 
 (For a base quantized by a3q's ``gptq`` stage, PEFT needs to be told which LoRA layer wraps ``GPTQLinear``; see
-:mod:`a3q.stages.lora.custom`. ``a3q.load`` does that.)
+:mod:`a3q.io.peft_modules`. ``a3q.load`` does that.)
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def attach_adapter(graph: ModelGraph, directory: Path | str, trainable: bool = F
     """``graph`` with the PEFT adapter saved in ``directory`` loaded onto its model (in place, as PEFT does)."""
     from peft import LoraConfig, PeftModel
 
-    from a3q.stages.lora.custom import register_custom_modules
+    from a3q.io.peft_modules import register_custom_modules
 
     config = LoraConfig.from_pretrained(str(directory))
     register_custom_modules(config, graph.model)

@@ -1,0 +1,74 @@
+"""Model surgery, in one place: convert to a3q's own classes, swap a module, rebuild a layer at new sizes.
+
+Stages change models only through these functions and the ModelGraph, so how a module is replaced (and what must be
+updated with it: the config's per-layer sizes, the graph's description) is decided once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from a3q.arch import LINEAR_PATHS, decoder_layers, describe
+from a3q.graph import ModelGraph
+
+
+def redescribe(graph: ModelGraph, model: Any = None) -> ModelGraph:
+    """``graph`` re-read from (a new) ``model``'s config, keeping every field the config does not hold.
+
+    The per-layer sizes come from the config; the KV-cache setting, history, adapter, source, tokenizer and how
+    each linear is stored (recorded by the stage that quantized it) are the graph's own and carry over.
+    """
+    model = graph.model if model is None else model
+    fresh = describe(model, graph.tokenizer, graph.source, graph.history)
+    fresh.kv_cache, fresh.adapter = graph.kv_cache, graph.adapter
+    for layer, old in zip(fresh.layers, graph.layers):
+        layer.quantized = dict(old.quantized)
+    return fresh
+
+
+def as_a3_graph(graph: ModelGraph) -> ModelGraph:
+    """The same model as a3q's compressed class at full rank (identical logits); a no-op for models that already are."""
+    from a3q.modeling.auto import is_a3_model, to_a3_model
+
+    if is_a3_model(graph.model):
+        return graph
+    return redescribe(graph, to_a3_model(graph.model))
+
+
+def with_separate_linears(graph: ModelGraph) -> ModelGraph:
+    """Dense GPT-2 fuses q/k/v into one Conv1D: convert it to a3q's class (same logits) so every projection is its
+    own ``nn.Linear``, as the quantization and LoRA stages need; other models are returned unchanged."""
+    return as_a3_graph(graph) if graph.family == "gpt2" else graph
+
+
+def swap_module(model: nn.Module, path: str, replacement: nn.Module) -> nn.Module:
+    """Put ``replacement`` at ``path`` (a dotted module path) and return the module it replaced."""
+    old = model.get_submodule(path)
+    model.set_submodule(path, replacement)
+    return old
+
+
+def rebuild_layer(model: Any, family: str, index: int, weights: dict[str, Any], sizes: dict[str, Any]) -> None:
+    """Replace decoder layer ``index`` of an a3q-class model by a new one at ``sizes``, holding ``weights``.
+
+    ``sizes`` sets the config's per-layer lists (``qk_head_dims``, ``vo_head_dims``, ``intermediate_sizes`` and,
+    under RoPE, ``rope_pairs``) at ``index``; ``weights`` maps ``short.kind`` (``q.weight``, ``up.bias``, …) to the
+    new tensors; every other tensor of the layer (norms) is kept.
+    """
+    config = model.config
+    for name, value in sizes.items():
+        if getattr(config, name, None) is not None:
+            getattr(config, name)[index] = value
+    layers = decoder_layers(model, family)
+    old = layers[index]
+    state = old.state_dict()
+    for key, tensor in weights.items():
+        short, kind = key.split(".")
+        state[f"{LINEAR_PATHS[family][short]}.{kind}"] = tensor
+    reference = next(old.parameters())
+    new = type(old)(config, index).to(device=reference.device, dtype=reference.dtype)
+    new.load_state_dict(state, strict=True)
+    new.train(old.training)
+    layers[index] = new

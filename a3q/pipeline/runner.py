@@ -1,0 +1,214 @@
+"""The calibration pipeline: the only code in a3q that runs a model over calibration windows.
+
+One pass, layer by layer, for every calibrating stage of a group at once:
+
+1. the windows are embedded once and what decoder layer 0 receives is captured (hidden states plus the keyword
+   arguments the model passes its layers: masks, position embeddings), batch by batch;
+2. stages that **plan** (A³'s global allocation) first observe every layer of the model as it enters the pass, then
+   plan, with a :class:`LayerProbe` that measures trial changes;
+3. for each layer, for each stage in recipe order: the stage's hooks are registered, the layer runs over the stage's
+   inputs, the hooks are removed and the stage changes the layer. A ``dense`` stage's inputs come from its own
+   stream (the layers before, as that stage found them: one whole-model forward of the model entering the stage);
+   a ``sequential`` stage's from the layers before as already finished by every stage in the pass;
+4. the finished layer runs once more on the sequential stream (when a sequential stage needs it), and its weights
+   and outputs are checked for non-finite values, naming the layer;
+5. each stage's ``finish`` updates the graph's description.
+
+Device placement, offloading, distributed reduction and checkpoints belong here, once, for every stage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from a3q.arch import LAYER_PREFIX, decoder_layers, final_norm
+from a3q.graph import ModelGraph
+from a3q.numerics import check_activations_finite, check_module_finite
+from a3q.pipeline.stage import CalibratingStage, StopLayer
+
+
+@dataclass
+class CapturedInputs:
+    """Decoder-layer inputs per batch: hidden states plus the keyword arguments the model passed."""
+
+    hidden: list[Tensor] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+    def with_hidden(self, hidden: list[Tensor]) -> CapturedInputs:
+        return CapturedInputs(hidden=hidden, kwargs=self.kwargs)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_layer_inputs(graph: ModelGraph, windows: Tensor, batch_size: int) -> CapturedInputs:
+    """Run the embeddings only and keep what decoder layer 0 receives, batch by batch."""
+    captured = CapturedInputs()
+    first = decoder_layers(graph.model, graph.family)[0]
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden)
+        captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(graph.model.parameters()).device
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            try:
+                graph.model.base_model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def run_layer(layer: torch.nn.Module, inputs: CapturedInputs, handles: list[Any] = ()) -> list[Tensor]:
+    """The layer's outputs on every batch of ``inputs``; ``handles`` (hooks) are removed afterwards."""
+    try:
+        outputs = []
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            try:
+                out = layer(hidden, **kwargs)
+            except StopLayer:  # an observer had what it needed; there is no output for this batch
+                continue
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        return outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def observe_layers(
+    graph: ModelGraph, windows: Tensor, observe: Callable[[ModelGraph, int], list[Any]], batch_size: int = 4,
+    progress: bool = True, description: str = "statistics", keep_inputs: bool = False,
+) -> list[CapturedInputs]:
+    """Run the model layer by layer over ``windows`` with ``observe(graph, index)``'s hooks on each layer.
+
+    This is a whole-model forward (same inputs reach every layer) that never runs the LM head. With
+    ``keep_inputs`` it returns every layer's inputs (what a :class:`LayerProbe` needs); otherwise an empty list.
+    """
+    inputs = capture_layer_inputs(graph, windows, batch_size)
+    layers = decoder_layers(graph.model, graph.family)
+    kept = []
+    for index in tqdm(range(len(layers)), desc=description, disable=not progress, leave=False):
+        if keep_inputs:
+            kept.append(inputs)
+        inputs = inputs.with_hidden(run_layer(layers[index], inputs, observe(graph, index)))
+    return kept
+
+
+class LayerProbe:
+    """KL of the model's next-token distribution from the unchanged model's, with one layer changed.
+
+    Every layer's inputs on the probe windows are kept from one pass, so a probe of layer ℓ runs only layers ℓ…
+    and the LM head (half the cost of a full forward on average), for any architecture family.
+    """
+
+    def __init__(self, graph: ModelGraph, windows: Tensor) -> None:
+        self.graph = graph
+        self.inputs = observe_layers(graph, windows, lambda g, i: [], batch_size=windows.shape[0], progress=False,
+                                     keep_inputs=True)
+        self.reference = self._log_probs(0).float()
+
+    @torch.no_grad()
+    def _log_probs(self, index: int) -> Tensor:
+        layers = decoder_layers(self.graph.model, self.graph.family)
+        inputs = self.inputs[index]
+        for layer in list(layers)[index:]:
+            inputs = inputs.with_hidden(run_layer(layer, inputs))
+        hidden = final_norm(self.graph.model, self.graph.family)(torch.cat(inputs.hidden))
+        logits = self.graph.model.get_output_embeddings()(hidden)
+        return torch.log_softmax(logits.double(), dim=-1)
+
+    def kl_after_change(self, index: int, change: Callable[[], Callable[[], None]]) -> float:
+        undo = change()
+        try:
+            reference = self.reference.double()
+            return float((reference.exp() * (reference - self._log_probs(index))).sum(-1).mean())
+        finally:
+            undo()
+
+
+def _timed(stage: CalibratingStage, work: Callable[[], Any]) -> Any:
+    started = time.perf_counter()
+    try:
+        return work()
+    finally:
+        stage.seconds += time.perf_counter() - started
+
+
+def run_pipeline(
+    graph: ModelGraph, windows: Tensor | None, stages: list[CalibratingStage], progress: bool = True,
+    after_finish: Callable[[CalibratingStage, ModelGraph], None] | None = None,
+) -> ModelGraph:
+    """Run ``stages`` through one layer-by-layer pass over ``windows`` (see the module docstring).
+
+    ``after_finish(stage, graph)`` is called after each stage's ``finish``, in recipe order, so the engine can
+    record a report row per stage. Only the layer pass runs without gradients: a stage's ``finish`` may train.
+    """
+    for stage in stages:
+        graph = _timed(stage, lambda: stage.begin(graph))
+    active = [stage for stage in stages if stage.calibrates()]
+    if active:
+        if windows is None:
+            raise ValueError("calibrating stages need calibration windows")
+        graph = _run_layers(graph, windows, active, progress)
+    for stage in stages:
+        graph = _timed(stage, lambda: stage.finish(graph))
+        if after_finish is not None:
+            after_finish(stage, graph)
+    return graph
+
+
+@torch.no_grad()
+def _run_layers(graph: ModelGraph, windows: Tensor, stages: list[CalibratingStage], progress: bool) -> ModelGraph:
+    batch_size = max(stage.batch_size for stage in stages)
+    names = "+".join(stage.name for stage in stages)
+    planners = [stage for stage in stages if stage.needs_plan()]
+    for planner in planners:  # every layer's statistics before any layer changes
+        _timed(planner, lambda: observe_layers(graph, windows, planner.observe, batch_size, progress,
+                                               f"{planner.name} statistics"))
+        probe_windows = planner.probe_windows(windows)
+        probe = LayerProbe(graph, probe_windows) if probe_windows is not None else None
+        _timed(planner, lambda: planner.plan(graph, probe))
+    entry = capture_layer_inputs(graph, windows, batch_size)
+    streams = {id(s): entry for s in stages if s.statistics == "dense" and s not in planners}
+    sequential = entry if any(s.statistics == "sequential" for s in stages) else None
+    prefix = LAYER_PREFIX[graph.family]
+    for index in tqdm(range(len(graph.layers)), desc=f"{names} (layer by layer)", disable=not progress, leave=False):
+        for stage in stages:
+            def work() -> None:
+                nonlocal sequential
+                layer = decoder_layers(graph.model, graph.family)[index]
+                inputs = streams.get(id(stage), sequential)
+                if id(stage) in streams:  # the stage's own stream advances through the layer as it found it
+                    streams[id(stage)] = inputs.with_hidden(run_layer(layer, inputs, stage.observe(graph, index)))
+                elif stage not in planners:
+                    handles = stage.observe(graph, index)
+                    if handles:
+                        run_layer(layer, inputs, handles)
+                while stage.process(graph, index):  # another look at the layer, as changed so far
+                    layer = decoder_layers(graph.model, graph.family)[index]
+                    run_layer(layer, inputs, stage.observe(graph, index))
+            _timed(stage, work)
+            layer = decoder_layers(graph.model, graph.family)[index]
+            check_module_finite(layer, f"{stage.name}, layer {index}", prefix=prefix.format(index=index))
+        if sequential is not None:
+            layer = decoder_layers(graph.model, graph.family)[index]
+            sequential = sequential.with_hidden(run_layer(layer, sequential))
+            check_activations_finite(sequential.hidden, f"{names}: output of layer {index}")
+    return graph
