@@ -31,3 +31,16 @@ def smollm2_path():
     from a3q.assets.models import smollm2_path
 
     return smollm2_path()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``).
+
+    Why: GPTQ's column loop is many small ops that two OpenMP threads on a busy 2-core machine slow down, and its codes
+    flip where float summation order changes a rounding, so numbers pinned with one thread need one thread.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 from a3q.calib.windows import random_windows, sequential_windows
 from a3q.engine import apply_stages
@@ -34,15 +33,7 @@ PINNED = {
 DENSE = 19.31252749339424
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The pins were measured with one torch thread. GPTQ's codes flip where float summation order changes a
-    rounding, and at this small calibration that moves the A³ + GPTQ perplexity by ~8% (72.79 with one thread, 67.20
-    with two): a fixed thread count makes the comparison exact."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the pins were measured with one thread; GPTQ codes flip with float summation order (A³+GPTQ: 72.79 with one thread, 67.20 with two)
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,7 @@ from a3q.quant.gptq import (HessianAccumulator, HessianNotPositiveDefinite, grou
 from a3q.quant.gptq_linear import GPTQLinear, unpack_rows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: GPTQ's column loop is many small ops, which two OpenMP threads on a busy 2-core
-    machine slow down several times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # GPTQ's column loop is many small ops (two threads on 2 busy cores are slower)
 
 
 def _problem(seed: int, out_features: int = 6, in_features: int = 20, tokens: int = 400):

@@ -16,14 +16,7 @@ from a3q.recipe import RecipeError, parse_recipe
 from tests.remote_code import remote_code_logits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: GPTQ's column loop is many small ops, which two OpenMP threads on a busy 2-core
-    machine slow down several times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # GPTQ's column loop is many small ops (two threads on 2 busy cores are slower)
 
 
 CALIBRATION = {"corpus": "enwiki", "split": "calib", "windows": 2, "seq_len": 64, "seed": 0}
