@@ -16,6 +16,8 @@ console = Console()
 
 
 def _fail(message: str) -> None:
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # a rank of a distributed run: say which one
+        message = f"rank {os.environ.get('RANK', '?')}: {message}"
     Console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
     raise typer.Exit(code=2)
 
@@ -34,51 +36,130 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def run(
     recipe: Path = typer.Argument(..., help="recipe YAML/JSON file"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for report.json (default: the recipe's output)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in OUT/checkpoint"),
+    restart: bool = typer.Option(False, "--restart", help="discard OUT/checkpoint and start over"),
+    keep_checkpoint: bool = typer.Option(False, "--keep-checkpoint", help="keep OUT/checkpoint after success"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel calibration in N processes on this machine "
+                              "(torch.distributed.run; gloo on CPU, nccl on GPUs); 1: one plain process"),
 ) -> None:
-    """Validate RECIPE (before loading anything), run its stages, print the report table."""
+    """Validate RECIPE (before loading anything), run its stages, print the report table.
+
+    The run checkpoints into OUT/checkpoint (recipe fields checkpoint_every / checkpoint_minutes); SIGINT or SIGTERM
+    stop it after the current layer with a checkpoint, and --resume continues it. With --nproc N ≥ 2 (or under
+    torchrun) the calibration is data-parallel and checkpoints are off (docs/distributed.md).
+    """
+    from a3q.checkpoint.run import CheckpointRefused
+    from a3q.checkpoint.stops import RunStopped
+    from a3q.checkpoint.store import CheckpointError
     from a3q.engine import StageError, run_recipe
     from a3q.recipe import RecipeError, load_recipe
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if resume and restart:
+        _fail("--resume and --restart exclude each other")
     try:
         parsed = load_recipe(recipe)
     except RecipeError as exc:
         _fail(str(exc))
+    if nproc > 1:
+        _launch(recipe, out, parsed, nproc, resume, restart, keep_checkpoint)
+        return
     try:
-        result = run_recipe(parsed, out)
-    except (StageError, RecipeError) as exc:  # report.json says failed, with the reason (and a traceback for bugs)
+        result = run_recipe(parsed, out, resume=resume, restart=restart, keep_checkpoint=keep_checkpoint)
+    except (StageError, RecipeError, CheckpointRefused, CheckpointError) as exc:  # report.json says why
         _fail(str(exc))
+    except RunStopped as exc:
+        where = out if out is not None else parsed.output or "out/run"
+        hint = f"; resume with: a3q run {recipe} --out {where} --resume" if exc.resumable else ""
+        Console(stderr=True).print(f"[bold yellow]stopped:[/] {exc}{hint}", markup=True, highlight=False)
+        raise typer.Exit(code=exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted; report.json says how far the run got")
-    console.print(f"report: {result.output_dir / 'report.json'}")
+    if result.report.context.get("world_size", 1) == 1 or os.environ.get("RANK", "0") == "0":
+        console.print(f"report: {result.output_dir / 'report.json'}")
+
+
+def _launch(recipe: Path, out: Optional[Path], parsed, nproc: int, resume: bool, restart: bool,
+            keep_checkpoint: bool) -> None:
+    """``a3q run RECIPE --nproc N``: the same command in N processes through torch.distributed.run (torchrun)."""
+    from a3q import distributed
+
+    if resume:
+        _fail(f"--resume: a distributed run ({nproc} processes) writes no checkpoints and cannot resume one")
+    where = Path(out if out is not None else parsed.output or "out/run").resolve()
+    args = ["a3q.cli", "run", str(recipe), "--out", str(where)]
+    args += ["--restart"] * restart + ["--keep-checkpoint"] * keep_checkpoint
+    try:
+        distributed.launch(nproc, args)
+    except Exception as exc:  # torchrun's ChildFailedError names the ranks that failed
+        ranks = distributed.failed_ranks(exc)
+        _note_failure(where / "report.json", f"distributed run failed: {ranks}")
+        codes = {failure.exitcode for failure in getattr(exc, "failures", {}).values()}
+        Console(stderr=True).print(f"[bold red]error:[/] distributed run ({nproc} processes) failed: {ranks}; "
+                                   "the failing ranks' errors are printed above", markup=True, highlight=False)
+        raise typer.Exit(code=2 if codes == {2} else 1)
+
+
+def _note_failure(path: Path, message: str) -> None:
+    """Mark report.json failed after the launcher saw ranks fail (rank 0 may have been stopped before it could)."""
+    from a3q.assets.cache import write_json_atomic
+
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if payload.get("status") != "failed":
+        payload["status"] = "failed"
+        payload["failed"] = message
+    else:
+        payload["failed"] = f"{payload.get('failed')} ({message})"
+    write_json_atomic(path, payload)
 
 
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="model alias (smollm2-135m), HF folder or a3q artifact"),
-    corpus: str = typer.Option("enwiki", help="corpus name"),
-    split: str = typer.Option("test", help="corpus split: calib, test or all"),
+    corpus: Optional[str] = typer.Option(None, help="bundled corpus name (default enwiki)"),
+    split: Optional[str] = typer.Option(None, help="corpus split: calib, test (default) or all"),
+    path: Optional[str] = typer.Option(None, "--path", help="your own text instead of the corpus: a .txt, .jsonl, "
+                                       ".json or .parquet file, or a folder of them"),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="records' text field with --path (default "
+                                             "text; records with chat 'messages' use the chat template)"),
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per window"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="evaluate at most this many windows"),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    dtype: str = typer.Option("auto", help="auto (the checkpoint's on a GPU, float32 on a CPU), float32, bfloat16 or float16"),
+    device: str = typer.Option("auto", help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="also write the result as JSON here"),
 ) -> None:
-    """Perplexity of MODEL on a corpus split (non-overlapping windows, every token predicted)."""
+    """Perplexity of MODEL on a corpus split or your own text (non-overlapping windows, every token predicted)."""
+    from pydantic import ValidationError
+
     from a3q.assets.cache import write_json_atomic
+    from a3q.calib.sources import TextSource
     from a3q.calib.windows import sequential_windows
     from a3q.io.loading import load_graph
     from a3q.metrics.perplexity import perplexity
 
+    fields = {"corpus": corpus, "split": split, "path": path, "text_field": text_field}
+    if path is None and split is None:
+        fields["split"] = "test"
     try:
-        graph = load_graph(model, dtype)
+        source = TextSource.model_validate({name: value for name, value in fields.items() if value is not None})
+    except ValidationError as exc:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'source'}: {e['msg'].removeprefix('Value error, ')}"
+                        for e in exc.errors()))
+    try:
+        graph = load_graph(model, dtype, device=device)
     except _user_errors() as exc:
         _fail(str(exc))
-    windows = sequential_windows(graph.tokenizer, corpus, split, seq_len, max_windows)
+    try:
+        windows = sequential_windows(graph.tokenizer, source, seq_len, max_windows)
+    except ValueError as exc:
+        _fail(str(exc))
     result = perplexity(graph.model, windows)
     payload = {
         "model": model,
-        "corpus": corpus,
-        "split": split,
+        **source.summary(),
         "seq_len": seq_len,
         "windows": result.windows,
         "predicted_tokens": result.predicted_tokens,
@@ -86,7 +167,7 @@ def evaluate(
         "params": graph.decoder_linear_params(),
         "kv_bytes_per_token": graph.kv_bytes_per_token(),
     }
-    console.print(f"perplexity {result.perplexity:.4f} on {corpus}/{split} ({result.windows} × {seq_len} tokens)")
+    console.print(f"perplexity {result.perplexity:.4f} on {source.describe()} ({result.windows} × {seq_len} tokens)")
     if json_path:
         write_json_atomic(json_path, payload)
 

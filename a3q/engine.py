@@ -5,33 +5,42 @@ the pipeline (:mod:`a3q.pipeline.runner`) runs layer by layer over the recipe's 
 run; other stages are called as they are. After a training stage the engine repeats the recipe's last quality
 measurement, so the report shows before → after.
 ``report.json`` is written (atomically) when the run starts (``status: running``) and after every stage, and ends
-``complete`` or ``failed`` (with the reason), so a failed or killed run still shows how far it got.
+``complete``, ``failed`` or ``stopped`` (with the reason), so a failed or killed run still shows how far it got.
 
-Before the model loads, the engine checks what validation could not: that no export would replace the run's own
-output folder, and that the corpus holds the windows the stages ask for (this needs the tokenizer, not the model).
-The model is checked for non-finite values after loading and after every stage (:mod:`a3q.numerics`).
+Before the model loads, the engine checks what validation could not (:mod:`a3q.checks`: the output folder, the
+text; :mod:`a3q.preflight`: memory) and opens the run's checkpoint folder (:mod:`a3q.checkpoint`: ``--resume``
+continues a run from its last checkpoint). The model is checked for non-finite values after loading and after every
+stage (:mod:`a3q.numerics`).
 """
 
 from __future__ import annotations
 
-import time
 import traceback
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
-from a3q import __version__
+from a3q import __version__, distributed
 from a3q.assets.cache import write_json_atomic
-from a3q.calib.windows import random_windows, window_shortfalls
+from a3q.assets.models import resolve_model_path
+from a3q.checkpoint.run import CheckpointRefused, RunCheckpoint
+from a3q.checkpoint.stops import RunStopped, StopSignals
+from a3q.checkpoint.store import CheckpointError
+from a3q.calib.windows import random_windows
 from a3q.graph import ModelGraph
 from a3q.io.loading import load_graph
 from a3q.numerics import check_module_finite
-from a3q.recipe import Recipe, RecipeError, StageSpec
+from a3q.recipe import Recipe, RecipeError
 from a3q.pipeline.runner import run_pipeline
 from a3q.pipeline.stage import CalibratingStage
+from a3q.checks import check_run, check_text
+from a3q.preflight import preflight
+from a3q.passes import (StageContext, apply_stage, apply_stages, graph_row, plan_groups,  # noqa: F401 (API)
+                        repeat_quality_measurement)
 from a3q.registry import get_stage
 from a3q.report import Report, measure, print_table
 
@@ -40,23 +49,13 @@ class StageError(RuntimeError):
     """A stage (or loading the model) failed while running; the message names it."""
 
 
-@dataclass
-class StageContext:
-    """What a running stage may use besides the graph and its config, and where it puts its report fields.
-
-    Stages never fetch calibration data: the engine's pipeline runs the model over it for them. Build one directly
-    in tests: ``StageContext(recipe, spec)``; the engine passes its report and output folder.
-    """
-
-    recipe: Recipe
-    spec: StageSpec
-    output_dir: Path = Path(".")
-    report: Report = field(default_factory=Report)
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
 class CalibrationWindows:
-    """The recipe's calibration windows, cut once per run (with the model's tokenizer) and shared by every pass."""
+    """The recipe's calibration windows, cut once per run (with the model's tokenizer) and shared by every pass.
+
+    In a data-parallel run every process cuts the same windows (same text, same seed; checked across processes) and
+    the pipeline gives each its share (:func:`a3q.distributed.shard`); the probes of global allocation use the
+    windows unsharded.
+    """
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
@@ -65,88 +64,10 @@ class CalibrationWindows:
     def get(self, graph: ModelGraph) -> torch.Tensor:
         if self._windows is None:
             cal = self.recipe.calibration
-            self._windows = random_windows(graph.tokenizer, cal.corpus, cal.split, cal.seq_len, cal.windows, cal.seed)
+            self._windows = random_windows(graph.tokenizer, cal.source(), cal.seq_len, cal.windows, cal.seed)
+            distributed.check_same_everywhere(self._windows, "the calibration windows")
+            distributed.shard(self._windows)  # fails early, naming windows and processes, if some rank gets none
         return self._windows
-
-
-def plan_groups(stages: list[CalibratingStage]) -> list[list[CalibratingStage]]:
-    """Consecutive calibrating stages share one pipeline pass; every other stage runs on its own.
-
-    A stage that plans from every layer's statistics (A³'s global allocation) starts a pass of its own: it must see
-    the model as the pass receives it, before any other stage of the pass changes a layer.
-    """
-    groups: list[list[CalibratingStage]] = []
-    for stage in stages:
-        previous = groups[-1] if groups else None
-        if stage.calibrates() and previous and previous[-1].calibrates() and not stage.needs_plan():
-            previous.append(stage)
-        else:
-            groups.append([stage])
-    return groups
-
-
-def graph_row(stage: str, graph: ModelGraph) -> dict[str, Any]:
-    """The size columns every report row has."""
-    return {
-        "stage": stage,
-        "params": graph.decoder_linear_params(),
-        "weight_bytes": graph.decoder_linear_bytes(),
-        "kv_bytes_per_token": graph.kv_bytes_per_token(),
-    }
-
-
-def _repeat_quality_measurement(graph: ModelGraph, context: StageContext) -> None:
-    """After a training stage: run the last quality-measuring stage again and report before → after."""
-    earlier = context.recipe.stages[: context.spec.index]
-    spec = next((s for s in reversed(earlier) if type(s.config).measures_quality), None)
-    row = next((r for r in reversed(context.report.rows) if spec is not None and r.get("stage") == spec.name
-                and "ppl" in r), None)
-    if spec is None or row is None:
-        return
-    scratch = StageContext(context.recipe, spec.model_copy(update={"index": context.spec.index}), context.output_dir,
-                           context.report)
-    get_stage(spec.name).build(spec.config, scratch).finish(graph)
-    after = scratch.metrics
-    context.metrics.update(ppl_before=row["ppl"], ppl=after["ppl"], eval=after.get("eval"))
-    note = context.metrics.get("note", "")
-    context.metrics["note"] = f"{note}, ppl {row['ppl']:.2f}→{after['ppl']:.2f}".lstrip(", ")
-
-
-def apply_stages(
-    graph: ModelGraph, stages: list[tuple[str, Any]], windows: torch.Tensor | None = None
-) -> tuple[ModelGraph, list[dict[str, Any]]]:
-    """Run stages on ``graph`` outside a recipe (tests, notebooks, benchmarks), grouped into pipeline passes as a run
-    groups them: the graph after them and each stage's report fields.
-
-    ``stages`` are ``(name, config)`` pairs, the config a stage config object or a dict of its fields; ``windows``
-    are the calibration windows. As in a run, stages change ``graph``'s model in place: pass a copy to keep it.
-    """
-    from a3q.recipe import CalibrationConfig
-
-    specs = []
-    for index, (name, config) in enumerate(stages):
-        entry = get_stage(name)
-        config = entry.config_class(**config) if isinstance(config, dict) else config
-        specs.append(StageSpec(index=index, name=name, config=config))
-    recipe = Recipe(model=graph.source, dtype="float32", calibration=CalibrationConfig(), stages=specs, output=None,
-                    raw={})
-    contexts = [StageContext(recipe, spec) for spec in specs]
-    workers = [get_stage(spec.name).build(spec.config, context) for spec, context in zip(specs, contexts)]
-    for group in plan_groups(workers):
-        calibrating = any(worker.calibrates() for worker in group)
-        graph = run_pipeline(graph, windows if calibrating else None, group, progress=False)
-    for worker, context in zip(workers, contexts):
-        context.metrics.update(worker.metrics)
-    return graph, [context.metrics for context in contexts]
-
-
-def apply_stage(
-    graph: ModelGraph, name: str, config: Any = None, windows: torch.Tensor | None = None, **fields: Any
-) -> tuple[ModelGraph, dict[str, Any]]:
-    """One stage, as :func:`apply_stages`: ``config`` or ``fields`` give its settings. Returns the graph and the
-    stage's report fields."""
-    graph, (metrics,) = apply_stages(graph, [(name, config if config is not None else fields)], windows)
-    return graph, metrics
 
 
 @dataclass
@@ -158,81 +79,144 @@ class RunResult:
     output_dir: Path
 
 
-def check_run(recipe: Recipe, out: Path) -> list[str]:
-    """Problems that depend on where the run writes (known only at run time): an export that would replace the
-    folder holding this run's report, or a folder above it."""
-    problems = []
-    for spec in recipe.stages:
-        target = spec.config.artifact_target()
-        if target is None:
-            continue
-        resolved = Path(target).resolve()
-        if resolved == out or resolved in out.parents:
-            problems.append(f"{spec.label}: path: '{target}' is (or contains) the run's output folder '{out}', "
-                            "where report.json goes; export somewhere else")
-    return problems
-
-
-def check_text(recipe: Recipe) -> list[str]:
-    """Whether the corpus splits hold the windows the recipe asks for (loads the tokenizer only)."""
-    from transformers import AutoTokenizer
-
-    from a3q.assets.models import resolve_model_path
-
-    demands = [demand for spec in recipe.stages for demand in spec.config.text_demands(spec.label)]
-    if any(spec.config.needs_calibration for spec in recipe.stages):
-        cal = recipe.calibration
-        demands.append(("calibration.windows", cal.corpus, cal.split, cal.windows, cal.seq_len))
-    if not demands:
-        return []
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(recipe.model)))
-    return window_shortfalls(tokenizer, demands)
-
-
 def run_recipe(
-    recipe: Recipe, output_dir: str | Path | None = None, console: Console | None = None, show_table: bool = True
+    recipe: Recipe, output_dir: str | Path | None = None, console: Console | None = None, show_table: bool = True,
+    resume: bool = False, restart: bool = False, keep_checkpoint: bool = False,
 ) -> RunResult:
     """Run every stage of ``recipe``; write ``report.json`` into the output folder.
 
-    Raises :class:`~a3q.recipe.RecipeError` for problems found before the model loads and :class:`StageError` for
-    a failure while loading or running a stage; either way ``report.json`` ends ``status: failed`` with the reason.
+    Raises :class:`~a3q.recipe.RecipeError` (or :class:`~a3q.checkpoint.run.CheckpointRefused`) for problems found
+    before the model loads, :class:`StageError` for a failure while loading or running a stage and
+    :class:`~a3q.checkpoint.stops.RunStopped` for SIGINT/SIGTERM; in every case ``report.json`` ends ``failed`` or
+    ``stopped`` with the reason. Checkpoints go to ``OUT/checkpoint`` (:mod:`a3q.checkpoint`): ``resume`` continues
+    from the last one, ``restart`` discards it, ``keep_checkpoint`` keeps it after success.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel (:mod:`a3q.distributed`): every process loads
+    the model and observes its share of the calibration windows, statistics are summed across processes, and only
+    rank 0 writes ``report.json`` and artifacts; checkpoints are off and ``resume`` is refused.
     """
-    console = console or Console(stderr=True)
-    out = Path(output_dir or recipe.output or "out/run").resolve()
-    problems = check_run(recipe, out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = Report(context={"a3q_version": __version__, "status": "running", "model": recipe.model, "recipe": recipe.raw})
-    write_json_atomic(out / "report.json", report.to_json())
-
-    def fail(message: str, exc: BaseException | None = None) -> None:
-        payload = {**report.to_json(), "status": "failed", "failed": message}
-        if exc is not None and not isinstance(exc, RecipeError):
-            payload["traceback"] = traceback.format_exception(exc)
-        write_json_atomic(out / "report.json", payload)
-
+    world = distributed.env_world_size()
+    joined = distributed.init(distributed.rank_device(recipe.device))
     try:
-        problems = problems or check_text(recipe)
-        if problems:
-            raise RecipeError(problems)
-        with measure() as loading:
-            console.log(f"loading model '{recipe.model}' ({recipe.dtype})")
-            graph = load_graph(recipe.model, recipe.dtype)
-            check_module_finite(graph.model, f"load '{recipe.model}'")
-    except RecipeError as exc:
-        fail(str(exc), exc)
-        raise
-    except BaseException as exc:
-        fail(f"load: {exc}" if isinstance(exc, Exception) else f"load: interrupted ({type(exc).__name__})", exc)
-        if isinstance(exc, Exception):
-            raise StageError(f"loading '{recipe.model}' failed: {exc}") from exc
-        raise
-    report.rows.append({**graph_row("load", graph), "seconds": loading.seconds, "peak_rss_mb": loading.peak_rss_mb})
+        return _run_recipe(recipe, output_dir, console, show_table, resume, restart, keep_checkpoint, world)
+    finally:
+        if joined:
+            distributed.destroy()
+
+
+def _write_report(path: Path, payload: dict[str, Any]) -> None:
+    """``report.json``, written by rank 0 only (the only process in a one-process run)."""
+    if distributed.is_main():
+        write_json_atomic(path, payload)
+
+
+def distributed_problems(recipe: Recipe, world: int) -> list[str]:
+    """What a data-parallel run of ``recipe`` cannot do (checked before the model loads)."""
+    if world <= 1:
+        return []
+    return [f"stages[{spec.index}] ({spec.name}): training stages do not run data-parallel yet ({world} processes "
+            "would each train their own copy); run this recipe with one process" for spec in recipe.stages
+            if type(spec.config).trains]
+
+
+def _run_recipe(recipe: Recipe, output_dir: str | Path | None, console: Console | None, show_table: bool,
+                resume: bool, restart: bool, keep_checkpoint: bool, world: int) -> RunResult:
+    main = distributed.is_main()
+    console = console or Console(stderr=True, quiet=not main)
+    out = Path(output_dir or recipe.output or "out/run").resolve()
+    problems = check_run(recipe, out) + distributed_problems(recipe, world)
+    distributed.barrier()  # every process checked the output folder and targets before rank 0 writes into them
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(context={"a3q_version": __version__, "status": "running", "model": recipe.model,
+                             "recipe": recipe.raw, "world_size": distributed.world_size()})
+    _write_report(out / "report.json", report.to_json())
+    checkpoint: RunCheckpoint | None = None
+
+    def fail(message: str, exc: BaseException | None = None, status: str = "failed") -> None:
+        if checkpoint is not None:
+            report.context["checkpoint"] = checkpoint.summary()
+        payload = {**report.to_json(), "status": status, status: message}
+        if exc is not None and not isinstance(exc, (RecipeError, CheckpointRefused, CheckpointError, RunStopped)):
+            payload["traceback"] = traceback.format_exception(exc)
+        if distributed.world_size() > 1:
+            payload["distributed"] = {**distributed.summary(), "failed_rank": distributed.rank()}
+        _write_report(out / "report.json", payload)
+
+    def stopped(exc: RunStopped, where: str) -> RunStopped:
+        resumable = checkpoint is not None and checkpoint.folder.exists()
+        message = str(exc) if "checkpoint" in str(exc) else f"stopped by {exc.signal_name} {where}" + (
+            f"; the last checkpoint ({_position_of(checkpoint)}) is in '{checkpoint.folder.root}'" if resumable else "")
+        fail(message, exc, status="stopped")
+        result = RunStopped(exc.signal_name, message)
+        result.resumable = resumable
+        return result
+
+    with StopSignals() as stops:
+        try:
+            problems = problems or check_text(recipe) or preflight(recipe, report.context)  # memory; device/dtype
+            if problems:
+                raise RecipeError(problems)
+            checkpoint = RunCheckpoint.open(out, recipe, resolve_model_path(recipe.model, recipe.revision), resume,
+                                            restart, stops, distributed.world_size(), distributed.rank())
+            with measure() as loading:
+                saved_model = checkpoint.model_path()
+                console.log(f"loading model '{recipe.model}' ({report.context.get('dtype', recipe.dtype)} on "
+                            f"{report.context.get('device', recipe.device)})" if saved_model is None else
+                            f"resuming {checkpoint.resumed_from}: loading the checkpointed model '{saved_model}'")
+                if saved_model is None:
+                    graph = load_graph(recipe.model, recipe.dtype, device=distributed.rank_device(recipe.device),
+                                       revision=recipe.revision)
+                else:
+                    graph = load_graph(saved_model, checkpoint.model_dtype() or recipe.dtype, device=recipe.device)
+                    graph.source = recipe.model
+                if checkpoint.history() is not None:  # stages that left no model copy are in it too
+                    graph.history = checkpoint.history()
+                check_module_finite(graph.model, f"load '{recipe.model}'")
+        except (RecipeError, CheckpointRefused, CheckpointError) as exc:
+            fail(str(exc), exc)
+            raise
+        except RunStopped as exc:
+            raise stopped(exc, "while loading the model") from None
+        except BaseException as exc:
+            fail(f"load: {exc}" if isinstance(exc, Exception) else f"load: interrupted ({type(exc).__name__})", exc)
+            if isinstance(exc, Exception):
+                raise StageError(f"loading '{recipe.model}' failed: {exc}") from exc
+            raise
+        if checkpoint.completed_groups:
+            report.rows.extend(checkpoint.report_rows)
+        else:
+            report.rows.append({**graph_row("load", graph), "seconds": loading.seconds,
+                                "peak_rss_mb": loading.peak_rss_mb})
+        if checkpoint.resumed_from:
+            report.context["resumed_from"] = checkpoint.resumed_from
+            console.log(f"resuming {checkpoint.resumed_from}")
+        graph = _run_groups(recipe, graph, out, report, checkpoint, console, fail, stopped)
+        try:
+            checkpoint.finish(keep_checkpoint)
+        except (CheckpointError, OSError) as exc:
+            fail(f"removing the checkpoint: {exc}", exc)
+            raise CheckpointError(f"the run finished, but removing '{checkpoint.folder.root}' failed: {exc}") from exc
+        report.context["checkpoint"] = checkpoint.summary()
+    report.context["status"] = "complete"
+    if distributed.world_size() > 1:
+        report.context["distributed"] = distributed.summary()
+    _write_report(out / "report.json", report.to_json())
+    if show_table and main:
+        print_table(report.rows, title=f"a3q: {recipe.model}", console=Console())
+    return RunResult(graph=graph, report=report, output_dir=out)
+
+
+def _run_groups(recipe: Recipe, graph: ModelGraph, out: Path, report: Report, checkpoint: RunCheckpoint,
+                console: Console, fail: Callable[..., None], stopped: Callable[..., RunStopped]) -> ModelGraph:
+    """Run the recipe's stage groups from the checkpoint's next one: one pipeline pass each, a report row per stage."""
     calibration = CalibrationWindows(recipe)
     contexts = {spec.index: StageContext(recipe, spec, out, report) for spec in recipe.stages}
     workers = [get_stage(spec.name).build(spec.config, contexts[spec.index]) for spec in recipe.stages]
     spec_of = {id(worker): spec for worker, spec in zip(workers, recipe.stages)}
-
-    for group in plan_groups(workers):
+    groups = plan_groups(workers)
+    for group_index, group in enumerate(groups):
+        if group_index < checkpoint.completed_groups:
+            continue
         specs = [spec_of[id(worker)] for worker in group]
         labels = " + ".join(spec.label for spec in specs)
         calibrating = [worker for worker in group if worker.calibrates()]
@@ -247,18 +231,21 @@ def run_recipe(
             if len(group) > 1:
                 context.metrics["shared_pass_with"] = [s.label for s in specs if s is not spec]
             if type(spec.config).trains:
-                _repeat_quality_measurement(finished_graph, context)
+                repeat_quality_measurement(finished_graph, context)
             finished[spec.index] = finished_graph
 
         with measure() as measured:
             try:
                 windows = calibration.get(graph) if calibrating else None
-                graph = run_pipeline(graph, windows, group, after_finish=after_finish)
+                graph = run_pipeline(graph, windows, group, after_finish=after_finish, progress=distributed.is_main(),
+                                     checkpoint=checkpoint.pass_checkpoint(group_index, labels) if calibrating else None)
                 check_module_finite(graph.model, f"{labels}: output")
+            except RunStopped as exc:
+                raise stopped(exc, f"during {labels}") from None
             except Exception as exc:
                 fail(f"{labels}: {exc}", exc)
                 raise StageError(f"{labels} failed: {exc}") from exc
-            except BaseException as exc:  # Ctrl-C, SystemExit: the report says so before the process goes
+            except BaseException as exc:  # SystemExit and the like: the report says so before the process goes
                 fail(f"{labels}: interrupted ({type(exc).__name__})", exc)
                 raise
         for worker, spec in zip(group, specs):
@@ -268,9 +255,18 @@ def run_recipe(
                                 "peak_rss_mb": measured.peak_rss_mb, **contexts[spec.index].metrics})
         if len(group) > 1:
             report.rows[-1]["shared_pass_seconds"] = measured.seconds
-        write_json_atomic(out / "report.json", report.to_json())
-    report.context["status"] = "complete"
-    write_json_atomic(out / "report.json", report.to_json())
-    if show_table:
-        print_table(report.rows, title=f"a3q: {recipe.model}", console=Console())
-    return RunResult(graph=graph, report=report, output_dir=out)
+        _write_report(out / "report.json", report.to_json())
+        if group_index < len(groups) - 1:
+            try:
+                checkpoint.group_done(group_index, graph, report.rows,
+                                      any(type(spec.config).changes_model for spec in specs), labels)
+            except RunStopped as exc:
+                raise stopped(exc, f"after {labels}") from None
+            except (CheckpointError, OSError) as exc:  # e.g. a full disk: the previous checkpoint stays whole
+                fail(f"checkpoint after {labels}: {exc}", exc)
+                raise CheckpointError(f"checkpoint after {labels} failed: {exc}") from exc
+    return graph
+
+
+def _position_of(checkpoint: RunCheckpoint | None) -> str:
+    return str(checkpoint.saved.get("position", "")) if checkpoint is not None else ""

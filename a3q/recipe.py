@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from a3q.assets.models import check_model_reference
-from a3q.calib.corpus import CORPORA, SPLITS
+from a3q.assets.models import check_model_reference, looks_like_hub_id
+from a3q.calib.sources import TextSourceFields
 from a3q.registry import MAX_SEED, StageConfig, get_stage
 
 
@@ -48,13 +48,13 @@ class RecipeError(ValueError):
         super().__init__("invalid recipe:\n  " + "\n  ".join(shown + tail))
 
 
-class CalibrationConfig(BaseModel):
-    """Which windows calibrating stages see: ``windows`` random windows of ``seq_len`` tokens."""
+class CalibrationConfig(TextSourceFields):
+    """Which windows calibrating stages see: ``windows`` random windows of ``seq_len`` tokens of one text source:
+    ``corpus`` (+ ``split``; default ``enwiki/calib``), ``path`` or ``dataset`` (see :mod:`a3q.calib.sources`)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+    default_split: ClassVar[str] = "calib"
 
-    corpus: Literal[CORPORA] = "enwiki"  # type: ignore[valid-type]
-    split: Literal[SPLITS] = "calib"  # type: ignore[valid-type]
     windows: int = Field(32, ge=1, le=100_000)
     seq_len: int = Field(512, ge=2, le=1_000_000)
     seed: int = Field(0, ge=0, le=MAX_SEED)
@@ -64,10 +64,35 @@ class _RecipeHeader(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(min_length=1, max_length=4096)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    #: a Hub revision (branch, tag or commit) when ``model`` is a Hub id ``org/name``
+    revision: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")
+    #: where the model runs: ``auto`` = the first GPU when CUDA is available, else the CPU
+    device: str = Field("auto", max_length=64)
+    #: ``auto`` = the checkpoint's own dtype on a GPU, float32 on a CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     calibration: CalibrationConfig = CalibrationConfig()
     stages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_STAGES)
     output: str | None = Field(None, min_length=1, max_length=4096)
+    #: checkpoint the layer-by-layer pass after every this many layers (0: only by time, or not at all)
+    checkpoint_every: int = Field(1, ge=0, le=1_000_000)
+    #: also checkpoint when this many minutes passed since the last checkpoint
+    checkpoint_minutes: float | None = Field(None, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        from a3q.placement import DEVICE_NAMES, is_device_name
+
+        if not is_device_name(value):
+            raise ValueError(f"'{value}' is not a device name (use {DEVICE_NAMES})")
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_name(cls, value: str | None) -> str | None:
+        if value is not None and (".." in value or value.endswith("/")):
+            raise ValueError(f"'{value}' is not a branch, tag or commit name")
+        return value
 
 
 class StageSpec(BaseModel):
@@ -90,11 +115,15 @@ class Recipe(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     model: str
-    dtype: Literal["float32", "bfloat16", "float16"]
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]
     calibration: CalibrationConfig
     stages: list[StageSpec]
     output: str | None
     raw: dict[str, Any]
+    device: str = "auto"
+    revision: str | None = None
+    checkpoint_every: int = 1
+    checkpoint_minutes: float | None = None
 
     def needs_calibration(self) -> bool:
         return any(spec.config.needs_calibration for spec in self.stages)
@@ -176,10 +205,18 @@ def parse_recipe(raw: Any, check_model: bool = True) -> Recipe:
             stages.append(spec)
     if not problems:
         problems.extend(_check_order(stages))
-    if header is not None and check_model and not any(p.startswith("model:") for p in problems):
-        reason = check_model_reference(header.model)
+    if header is not None and header.revision is not None and not looks_like_hub_id(header.model):
+        problems.append(f"revision: applies to a Hugging Face Hub id (org/name) only, not to '{header.model[:200]}'")
+    if header is not None and check_model and not any(p.startswith(("model:", "revision:")) for p in problems):
+        reason = check_model_reference(header.model, header.revision)
         if reason:
             problems.append(f"model: {reason}")
+    if header is not None and check_model and not any(p.startswith("device:") for p in problems):
+        from a3q.placement import device_problem
+
+        reason = device_problem(header.device)
+        if reason:
+            problems.append(f"device: {reason}")
     if problems or header is None:
         raise RecipeError(problems)
     return Recipe(
@@ -189,6 +226,10 @@ def parse_recipe(raw: Any, check_model: bool = True) -> Recipe:
         stages=stages,
         output=header.output,
         raw=raw,
+        device=header.device,
+        revision=header.revision,
+        checkpoint_every=header.checkpoint_every,
+        checkpoint_minutes=header.checkpoint_minutes,
     )
 
 

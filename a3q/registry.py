@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict
 from a3q.pipeline.stage import CalibratingStage
 
 if TYPE_CHECKING:
-    from a3q.engine import StageContext
+    from a3q.calib.sources import TextDemand
+    from a3q.passes import StageContext
     from a3q.graph import ModelGraph
 
 
@@ -40,6 +41,8 @@ class StageConfig(BaseModel):
     produces_factored_linears: ClassVar[bool] = False
     #: whether this stage works on a model whose linears are two-factor modules (most rewriting stages do not)
     accepts_factored_linears: ClassVar[bool] = True
+    #: whether this stage may change the model (False: it only measures or writes it; no checkpoint after it)
+    changes_model: ClassVar[bool] = True
 
     def changes_kv_ranks(self) -> bool:
         """Whether this stage shrinks the q/k or v/o head dims (what the KV cache stores)."""
@@ -53,9 +56,10 @@ class StageConfig(BaseModel):
         """The folder this stage writes an artifact to, if it does (so the engine can check it against the run)."""
         return None
 
-    def text_demands(self, label: str) -> list[tuple[str, str, str, int, int]]:
-        """``(field, corpus, split, windows, seq_len)`` for the token windows this stage will cut, so the engine can
-        check before the model loads that the corpus holds them; ``field`` is prefixed with ``label``."""
+    def text_demands(self, label: str) -> list[TextDemand]:
+        """A :class:`~a3q.calib.sources.TextDemand` ``(where, source, windows, seq_len)`` for the token windows this
+        stage will cut, so the engine can check before the model loads that the source can be read and holds them;
+        ``where`` is the asking field prefixed with ``label`` (``f"{label}: max_windows"``)."""
         return []
 
     def keeps_adapter(self) -> bool:

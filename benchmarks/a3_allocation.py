@@ -54,6 +54,8 @@ def main() -> None:
 
     import torch
 
+    from a3q.calib.sources import enwiki
+
     from a3q.calib.windows import random_windows, sequential_windows
     from a3q.io.loading import load_graph
     from a3q.metrics.perplexity import perplexity
@@ -81,8 +83,8 @@ def main() -> None:
             args.json.write_text(json.dumps(result, indent=2, default=str))
 
     dense = load_graph("smollm2-135m")
-    calib = random_windows(dense.tokenizer, "enwiki", "calib", args.seq_len, args.calib_windows, seed=0)
-    test = sequential_windows(dense.tokenizer, "enwiki", "test", args.seq_len, args.eval_windows)
+    calib = random_windows(dense.tokenizer, enwiki("calib"), args.seq_len, args.calib_windows, seed=0)
+    test = sequential_windows(dense.tokenizer, enwiki("test"), args.seq_len, args.eval_windows)
     probes = calib[: args.probe_windows, : args.probe_seq_len]
     graph = as_a3_graph(dense)
     started = time.perf_counter()

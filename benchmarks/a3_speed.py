@@ -77,12 +77,13 @@ def build(args: argparse.Namespace) -> tuple[Any, torch.Tensor, int, list[str]]:
 
     dtype = common.DTYPES[args.dtype]
     if args.shape == "smollm2":
+        from a3q.calib.sources import enwiki
         from a3q.calib.windows import random_windows
         from a3q.io.loading import load_graph
 
         graph = load_graph(common.SMOLLM2_ALIAS, dtype=args.dtype)
         graph.model.to(args.device)
-        windows = random_windows(graph.tokenizer, "enwiki", "calib", args.seq_len, args.windows, args.seed)
+        windows = random_windows(graph.tokenizer, enwiki("calib"), args.seq_len, args.windows, args.seed)
         notes = [f"real SmolLM2-135M-Instruct, {args.dtype}, enwiki/calib windows (seed {args.seed})"]
         return graph, windows.to(args.device), len(graph.layers), notes
     from transformers import LlamaForCausalLM

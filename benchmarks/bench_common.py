@@ -206,3 +206,47 @@ def print_with_context(table: Any, result: dict[str, Any]) -> None:
     console.print(machine_line(result["machine"]))
     for note in result["notes"]:
         console.print(f"• {note}")
+
+
+def add_a3_gptq_arguments(parser: Any, windows: int, seq_len: int, attention_only: bool) -> None:
+    """The options of the benchmarks that run SmolLM2 through A³ 20% + GPTQ 4-bit g64 as ``a3q run`` processes."""
+    import argparse
+
+    parser.add_argument("--windows", type=int, default=windows, help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=seq_len, help="tokens per calibration window")
+    parser.add_argument("--gptq-attention-only", action=argparse.BooleanOptionalAction, default=attention_only,
+                        help="skip the MLP linears in GPTQ (shorter)")
+    parser.add_argument("--json", type=Path, help="also write the result as JSON here")
+
+
+def write_a3_gptq_recipe(args: Any, path: Path, artifact: Path, **header: Any) -> Path:
+    """SmolLM2, A³ 20% + GPTQ 4-bit g64 (one pass) + export, at ``args``' calibration; ``header`` adds fields."""
+    import yaml
+
+    gptq: dict[str, Any] = {"stage": "gptq", "bits": 4, "group_size": 64}
+    if args.gptq_attention_only:
+        gptq["skip_modules"] = ["mlp."]
+    path.write_text(yaml.safe_dump({
+        "model": SMOLLM2_ALIAS, **header,
+        "calibration": {"windows": args.windows, "seq_len": args.seq_len, "seed": 0},
+        "stages": [{"stage": "a3", "ratio": 0.2}, gptq, {"stage": "export", "path": str(artifact)}],
+    }))
+    return path
+
+
+def run_a3q(recipe: Path, out: Path, *flags: str, threads: int = 1, env: dict[str, str] | None = None,
+            ok: tuple[int, ...] = (0,)) -> tuple[float, dict[str, Any]]:
+    """``a3q run RECIPE --out OUT FLAGS`` in a fresh process: its wall seconds and its report.json."""
+    import subprocess
+    import sys
+    import time
+
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(env or {})}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "a3q.cli", "run", str(recipe), "--out", str(out), *flags],
+                          env=environment, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode not in ok:
+        raise SystemExit(done.stderr[-3000:])
+    return wall, json.loads((out / "report.json").read_text())

@@ -200,6 +200,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from a3q.assets.models import smollm2_path
+    from a3q.calib.sources import enwiki
     from a3q.calib.windows import random_windows, sequential_windows
     from a3q.io.loading import load_graph
     from a3q.metrics.perplexity import perplexity
@@ -215,8 +216,8 @@ def main() -> None:
     notes: list[str] = []
     try:
         dense = load_graph(SMOLLM2_ALIAS)
-        calib = random_windows(dense.tokenizer, "enwiki", "calib", args.seq_len, args.windows, args.seed)
-        test = sequential_windows(dense.tokenizer, "enwiki", "test", args.eval_seq_len, args.eval_windows)
+        calib = random_windows(dense.tokenizer, enwiki("calib"), args.seq_len, args.windows, args.seed)
+        test = sequential_windows(dense.tokenizer, enwiki("test"), args.eval_seq_len, args.eval_windows)
         save_file({"input_ids": calib.contiguous()}, str(work / "calib.safetensors"))
         save_file({"input_ids": test.contiguous()}, str(work / "eval.safetensors"))
         dense_ppl = perplexity(dense.model, test, progress=False).perplexity

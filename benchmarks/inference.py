@@ -134,6 +134,7 @@ def describe_row(graph: Any) -> dict[str, Any]:
 
 def smollm2_models(args: argparse.Namespace) -> tuple[torch.Tensor, Iterator[tuple[str, int | None, Any]], list[str]]:
     """Prompt, then (label, rank multiple, graph) for dense SmolLM2 and its real A³ compressions."""
+    from a3q.calib.sources import enwiki
     from a3q.calib.windows import random_windows, sequential_windows
     from a3q.io.loading import load_graph
     from a3q.stages.a3.apply import as_a3_graph, compress_model
@@ -142,10 +143,10 @@ def smollm2_models(args: argparse.Namespace) -> tuple[torch.Tensor, Iterator[tup
 
     dense = load_graph(common.SMOLLM2_ALIAS, dtype=args.dtype)
     dense.model.to(args.device)
-    prompt = sequential_windows(dense.tokenizer, "enwiki", "test", args.prefill, args.batch)
+    prompt = sequential_windows(dense.tokenizer, enwiki("test"), args.prefill, args.batch)
     if prompt.shape[0] < args.batch:
         raise ValueError(f"enwiki/test has only {prompt.shape[0]} windows of {args.prefill} tokens")
-    calib = random_windows(dense.tokenizer, "enwiki", "calib", args.calib_seq_len, args.calib_windows, args.seed)
+    calib = random_windows(dense.tokenizer, enwiki("calib"), args.calib_seq_len, args.calib_windows, args.seed)
     notes = [(f"real SmolLM2-135M-Instruct, {args.dtype}; prompts: enwiki/test; A³ calibrated on "
               f"{args.calib_windows}×{args.calib_seq_len} enwiki/calib tokens")]
 

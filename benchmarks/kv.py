@@ -26,6 +26,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from a3q.calib.sources import enwiki
+
 from a3q.calib.windows import random_windows, sequential_windows
 from a3q.graph import ModelGraph
 from a3q.io.loading import load_graph
@@ -104,9 +106,9 @@ def main() -> None:
 
     dense = load_graph("smollm2-135m")
     tokenizer = dense.tokenizer
-    calib = random_windows(tokenizer, "enwiki", "calib", 512, args.calib_windows, seed=0)
-    test = sequential_windows(tokenizer, "enwiki", "test", args.seq_len, args.windows)
-    pool = sequential_windows(tokenizer, "enwiki", "test", args.prompt_len, None)
+    calib = random_windows(tokenizer, enwiki("calib"), 512, args.calib_windows, seed=0)
+    test = sequential_windows(tokenizer, enwiki("test"), args.seq_len, args.windows)
+    pool = sequential_windows(tokenizer, enwiki("test"), args.prompt_len, None)
     offset = -(-args.windows * args.seq_len // args.prompt_len)
     step = max(1, (pool.shape[0] - offset) // args.prompts)
     prompts = pool[offset::step][: args.prompts]

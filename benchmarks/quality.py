@@ -197,6 +197,8 @@ def main() -> None:
 
     import torch
 
+    from a3q.calib.sources import enwiki
+
     from a3q.calib.windows import random_windows, sequential_windows
     from a3q.io.loading import load_graph
 
@@ -205,8 +207,8 @@ def main() -> None:
     console = Console(stderr=True)
     info = machine_info("cpu")
     dense = load_graph("smollm2-135m")
-    calib = random_windows(dense.tokenizer, "enwiki", "calib", args.seq_len, args.calib_windows, seed=0)
-    test = sequential_windows(dense.tokenizer, "enwiki", "test", args.seq_len, args.eval_windows)
+    calib = random_windows(dense.tokenizer, enwiki("calib"), args.seq_len, args.calib_windows, seed=0)
+    test = sequential_windows(dense.tokenizer, enwiki("test"), args.seq_len, args.eval_windows)
     result = dict(machine=info, methods=args.methods, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
                   seq_len=args.seq_len, probe=dict(windows=args.probe_windows, seq_len=args.probe_seq_len,
                                                    max_shift=args.max_shift, mix_components=args.mix_components, ratio=args.probe_ratio), rows=[])

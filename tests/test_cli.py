@@ -58,3 +58,24 @@ def test_invalid_recipe_fails_before_loading_and_names_the_field(tmp_path):
     assert result.exit_code == 2
     assert "stages[0] (a3): ratio" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unfinished_checkpoint_is_neither_overwritten_nor_resumed_blindly(tmp_path, monkeypatch):
+    """Refused before the model loads, in one line each: a rerun onto an unfinished run's checkpoint, --resume of a
+    folder with none, and --resume with --restart."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"model": "smollm2-135m", "stages": [{"stage": "a3", "ratio": 0.2}]}))
+    result = runner.invoke(app, ["run", "recipe.yaml", "--out", "empty", "--resume"])
+    assert result.exit_code == 2 and "no checkpoint in" in result.output
+    assert json.loads((tmp_path / "empty" / "report.json").read_text())["status"] == "failed"
+    checkpoint = tmp_path / "run" / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / ".a3q-checkpoint").touch()
+    (checkpoint / "checkpoint.json").write_text(json.dumps({"format": 1, "position": "after layer 3 of stages[0] (a3)"}))
+    result = runner.invoke(app, ["run", "recipe.yaml", "--out", "run"])
+    assert result.exit_code == 2
+    assert "holds the checkpoint of an unfinished run (after layer 3 of stages[0] (a3)): --resume continues it" in \
+        " ".join(result.output.split())
+    assert (checkpoint / "checkpoint.json").is_file()
+    result = runner.invoke(app, ["run", "recipe.yaml", "--out", "run", "--resume", "--restart"])
+    assert result.exit_code == 2 and "exclude each other" in result.output

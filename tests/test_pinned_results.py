@@ -12,6 +12,7 @@ import copy
 
 import pytest
 
+from a3q.calib.sources import enwiki
 from a3q.calib.windows import random_windows, sequential_windows
 from a3q.engine import apply_stages
 from a3q.metrics.perplexity import perplexity
@@ -36,11 +37,16 @@ DENSE = 19.31252749339424
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the pins were measured with one thread; GPTQ codes flip with float summation order (A³+GPTQ: 72.79 with one thread, 67.20 with two)
 
 
+def pinned_windows(tokenizer):
+    """The protocol's (calibration, evaluation) windows; also used by the GPU tests against the same pins."""
+    calib = random_windows(tokenizer, enwiki("calib"), 256, 8, seed=0)
+    test = sequential_windows(tokenizer, enwiki("test"), 256, max_windows=4)
+    return calib, test
+
+
 @pytest.fixture(scope="module")
 def windows(smollm2):
-    calib = random_windows(smollm2.tokenizer, "enwiki", "calib", 256, 8, seed=0)
-    test = sequential_windows(smollm2.tokenizer, "enwiki", "test", 256, max_windows=4)
-    return calib, test
+    return pinned_windows(smollm2.tokenizer)
 
 
 def test_dense_perplexity(smollm2, windows):

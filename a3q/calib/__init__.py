@@ -1,1 +1,2 @@
-"""Calibration and evaluation data: real corpora and their splits (``corpus``), token windows (``windows``)."""
+"""Calibration and evaluation data: the bundled corpus and its splits (``corpus``), text sources (``sources``:
+the corpus, your own files, a ``datasets`` dataset), token windows (``windows``)."""

@@ -5,6 +5,11 @@ with a3q's own classes are saved with their modeling file and an ``auto_map``, s
 ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` works without a3q.
 The manifest records the recipe, the report so far, the model structure and a SHA-256 of
 every file, so an artifact says exactly what produced it.
+
+Weights bigger than ``max_shard_size`` are written by ``save_pretrained`` as transformers' standard shards
+(``model-00001-of-0000N.safetensors`` + ``model.safetensors.index.json``; see :mod:`a3q.io.shards`), one shard at a
+time from views of the model's tensors, so no second copy of the model is built in memory; the manifest lists and
+hashes each shard and the index like any other file, reading them back in 1 MiB blocks.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from a3q import __version__
 from a3q.graph import ModelGraph
 from a3q.io.atomic import UnsafeTargetError, atomic_directory, write_json_atomic
 from a3q.io.manifest import FORMAT_VERSION, MANIFEST_NAME, file_records, replace_refusal, seal
+from a3q.io.shards import DEFAULT_MAX_SHARD_SIZE, WEIGHTS_INDEX, parse_shard_size, weight_files
 
 
 class ArtifactExistsError(UnsafeTargetError, FileExistsError):
@@ -48,10 +54,19 @@ def _model_bytes(graph: ModelGraph) -> int:
     return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
 
-def save_artifact(graph: ModelGraph, path: str | Path, recipe: dict[str, Any] | None, report: list[dict]) -> Path:
-    """Write ``graph`` as an artifact at ``path`` (atomically, under a lock) and return the resolved path."""
+def save_artifact(
+    graph: ModelGraph, path: str | Path, recipe: dict[str, Any] | None, report: list[dict],
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """Write ``graph`` as an artifact at ``path`` (atomically, under a lock) and return the resolved path.
+
+    ``max_shard_size`` (``"500MB"``, ``"2GB"`` or an int of bytes; transformers' units): weights larger than it are
+    written as several ``model-0000k-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``. The
+    manifest's ``weights`` entry records the files and the limit.
+    """
     from a3q.modeling.auto import is_a3_model, save_with_remote_code
 
+    shard_bytes = parse_shard_size(max_shard_size)
     path = check_target(path)
 
     def may_replace(target: Path) -> str | None:
@@ -60,9 +75,9 @@ def save_artifact(graph: ModelGraph, path: str | Path, recipe: dict[str, Any] | 
     with atomic_directory(path, may_replace=may_replace, expected_bytes=_model_bytes(graph)) as staging:
         with _adapter_set_aside(graph, staging, path):  # base weights without LoRA layers; the adapter goes to adapter/
             if is_a3_model(graph.model):
-                save_with_remote_code(graph.model, staging)
+                save_with_remote_code(graph.model, staging, max_shard_size=shard_bytes)
             else:
-                _save_transformers_model(graph.model, staging)
+                _save_transformers_model(graph.model, staging, max_shard_size=shard_bytes)
         graph.tokenizer.save_pretrained(staging)
         if graph.kv_cache is not None:  # quantized cache: generate() uses it without a3q too
             from a3q.cache.remote import write_remote_cache_code
@@ -77,6 +92,7 @@ def save_artifact(graph: ModelGraph, path: str | Path, recipe: dict[str, Any] | 
                     "recipe": recipe,
                     "report": report,
                     "structure": graph.structure(),
+                    "weights": weights_record(staging, shard_bytes),
                     "files": file_records(staging),
                 }
             ),
@@ -84,7 +100,15 @@ def save_artifact(graph: ModelGraph, path: str | Path, recipe: dict[str, Any] | 
     return path
 
 
-def _save_transformers_model(model: Any, staging: Path) -> None:
+def weights_record(folder: Path, max_shard_size: int | None = None) -> dict[str, Any]:
+    """``{"files": [...], "shards": n, "index": name or None, "max_shard_size": bytes}`` for the weights in
+    ``folder`` (the adapter, in ``adapter/``, is not counted: it is always one file)."""
+    files = [f.name for f in weight_files(folder)]
+    index = WEIGHTS_INDEX if (folder / WEIGHTS_INDEX).is_file() and len(files) > 1 else None
+    return {"files": files, "shards": len(files), "index": index, "max_shard_size": max_shard_size}
+
+
+def _save_transformers_model(model: Any, staging: Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
     """``save_pretrained`` for a model of a transformers class, without an ``auto_map`` inherited from its input.
 
     An input folder may name remote code in ``config.auto_map``; a3q loaded it with transformers' own class and does
@@ -95,7 +119,7 @@ def _save_transformers_model(model: Any, staging: Path) -> None:
     if auto_map is not None:
         del model.config.auto_map
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
     finally:
         if auto_map is not None:
             model.config.auto_map = auto_map

@@ -35,9 +35,13 @@ def _written_by_a3q(config: dict) -> bool:
     )
 
 
-def load_graph(reference: str | Path, dtype: str = "float32", verify: bool = True):
-    """Load ``reference`` into a :class:`~a3q.graph.ModelGraph` without touching any hub.
+def load_graph(reference: str | Path, dtype: str = "float32", verify: bool = True, device: str | torch.device = "cpu",
+               revision: str | None = None):
+    """Load ``reference`` into a :class:`~a3q.graph.ModelGraph` on ``device``.
 
+    ``reference`` is an alias, a local folder, or a Hub id ``org/name`` (at ``revision``) already in the Hub cache, or
+    downloaded when the environment is online (:func:`a3q.assets.models.resolve_model_path`). ``dtype`` and
+    ``device`` may be ``auto`` (:mod:`a3q.placement`: the checkpoint's dtype on a GPU, float32 on a CPU).
     a3q's own model classes are registered with transformers first, so artifacts written by
     a3q load in-process without ``trust_remote_code``. With ``verify`` (the default) an artifact whose files do not
     match its manifest, or an a3q-written folder without one, is refused with the file named.
@@ -47,18 +51,25 @@ def load_graph(reference: str | Path, dtype: str = "float32", verify: bool = Tru
 
     import a3q.modeling.auto  # noqa: F401  (registers a3q model classes with the Auto classes)
 
-    path = resolve_model_path(str(reference))
+    from a3q.placement import resolve_device, resolve_dtype
+
+    path = resolve_model_path(str(reference), revision)
     manifest = read_manifest(path)
     config = _config_dict(path)
+    where = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, config, where)
     if verify and manifest is not None:
         verify_artifact(path, manifest)
     elif verify and _written_by_a3q(config):
         raise ArtifactError(f"{Path(path) / MANIFEST_NAME}: missing, but config.json says a3q wrote this folder "
                             "(pass verify=False to load it unchecked)")
     if config.get("a3q_factorized") or config.get("a3q_gptq"):
-        model = _load_rebuilt(path, config, DTYPES[dtype])
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], use_safetensors=True)
+        model = _load_rebuilt(path, config, torch_dtype)
+        if where.type != "cpu":
+            model.to(where)
+    else:  # on a GPU transformers places the weights itself (bitsandbytes' int8 weights must not be moved by .to)
+        placement = {"device_map": str(where)} if where.type != "cpu" else {}
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, use_safetensors=True, **placement)
     model.eval()
     from a3q.quant.bnb import adopt_loaded_model  # bitsandbytes linears: a3q's CPU path (see a3q.quant.bnb)
 
@@ -116,6 +127,7 @@ def _load_rebuilt(path: Path, config_dict: dict, dtype: torch.dtype):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from a3q.io.shards import WEIGHTS_INDEX, ShardIndexError, weight_files
     from a3q.quant.gptq_linear import replace_with_gptq_linears
     from a3q.modeling.a3q_factored_linear import replace_with_factored_linears
 
@@ -127,11 +139,25 @@ def _load_rebuilt(path: Path, config_dict: dict, dtype: torch.dtype):
         replace_with_factored_linears(model, config_dict["a3q_factorized"])
     if config_dict.get("a3q_gptq"):
         replace_with_gptq_linears(model, config_dict["a3q_gptq"])
-    state: dict[str, torch.Tensor] = {}
-    for weights in sorted(Path(path).glob("*.safetensors")):
-        state.update(load_file(str(weights)))
-    # load_state_dict copies into the model's tensors, converting dtypes (fp16 GPTQ scales stay fp16 buffers)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    # one file at a time (model.safetensors, or each shard its index names), so a sharded artifact never needs a
+    # second full copy of the weights in memory; load_state_dict copies into the model's tensors, converting dtypes
+    # (fp16 GPTQ scales stay fp16 buffers)
+    try:
+        files = weight_files(path)
+    except ShardIndexError as exc:
+        raise ArtifactError(f"{Path(path) / WEIGHTS_INDEX}: {exc}") from None
+    if not files:
+        raise ArtifactError(f"{path}: no *.safetensors weights")
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for weights in files:
+        if not weights.is_file():
+            raise ArtifactError(f"{weights}: weights shard named in {WEIGHTS_INDEX} is missing")
+        state = load_file(str(weights))
+        unexpected += model.load_state_dict(state, strict=False).unexpected_keys
+        loaded.update(state)
+        del state
+    missing = [key for key in model.state_dict() if key not in loaded]
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if getattr(config, "tie_word_embeddings", False) else set()
     buffers = {name for name, _ in model.named_buffers() if not name.endswith(_GPTQ_BUFFERS)}
     missing = [key for key in missing if key not in tied and key not in buffers]

@@ -2,7 +2,8 @@
 
 A folder that would fail an hour into a run (or, worse, load half-initialised) is refused here with one line naming
 the file: a ``config.json`` that is not JSON or names an unsupported family, weights that are missing, pickled or
-truncated (the safetensors header says how long the data must be), a missing tokenizer, and an a3q artifact whose
+truncated (the safetensors header says how long the data must be; every shard a ``model.safetensors.index.json``
+names is checked, and a missing shard is a problem), a missing tokenizer, and an a3q artifact whose
 files do not match its manifest's sizes (the hashes are checked when it loads).
 """
 
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 
 from a3q.io.manifest import ArtifactError, read_manifest, verify_artifact
+from a3q.io.shards import SINGLE_WEIGHTS, WEIGHTS_INDEX, ShardIndexError, read_index
 
 _MAX_CONFIG_BYTES = 16 << 20
 _MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
@@ -30,41 +32,59 @@ def _read_json(path: Path) -> tuple[object | None, str | None]:
         return None, f"{path.name} is not valid JSON ({exc})"
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """Why ``path`` is not a complete safetensors file (header unreadable, data shorter than it says), or None."""
+class HeaderError(ValueError):
+    """A safetensors file's header is missing, damaged or describes more data than the file holds."""
+
+
+def read_header(path: Path) -> dict:
+    """``path``'s safetensors header (tensor name → dtype, shape, offsets; ``__metadata__``), reading no tensor data;
+    raises :class:`HeaderError` when the file is not complete safetensors."""
     size = path.stat().st_size
     with path.open("rb") as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
-            return f"{path.name} is truncated ({size} bytes: not even a safetensors header)"
+            raise HeaderError(f"{path.name} is truncated ({size} bytes: not even a safetensors header)")
         header_len = int.from_bytes(prefix, "little")
         if header_len > min(_MAX_HEADER_BYTES, size - 8):
-            return f"{path.name} is truncated or not safetensors (header of {header_len:,} bytes in a {size:,}-byte file)"
+            raise HeaderError(f"{path.name} is truncated or not safetensors (header of {header_len:,} bytes in a "
+                              f"{size:,}-byte file)")
         try:
             header = json.loads(handle.read(header_len).decode("utf-8"))
             ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError, KeyError, TypeError, IndexError):
-            return f"{path.name} has a damaged safetensors header"
+            raise HeaderError(f"{path.name} has a damaged safetensors header") from None
     needed = 8 + header_len + max(ends, default=0)
     if size < needed:
-        return f"{path.name} is truncated ({size:,} bytes; its header describes {needed:,})"
-    return None
+        raise HeaderError(f"{path.name} is truncated ({size:,} bytes; its header describes {needed:,})")
+    return header
+
+
+def _safetensors_header(path: Path) -> tuple[set[str], str | None]:
+    """The tensor names in ``path``'s header and why the file is not complete safetensors (None when it is)."""
+    try:
+        header = read_header(path)
+    except HeaderError as exc:
+        return set(), str(exc)
+    return {key for key in header if key != "__metadata__"}, None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (header unreadable, data shorter than it says), or None."""
+    return _safetensors_header(path)[1]
 
 
 def _weights_problem(folder: Path) -> str | None:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        payload, problem = _read_json(index)
-        if problem:
-            return problem
-        weight_map = payload.get("weight_map") if isinstance(payload, dict) else None
-        if not isinstance(weight_map, dict):
-            return f"{index.name} has no weight_map"
-        shards = sorted({str(name) for name in weight_map.values()})
-        for shard in shards:
-            if Path(shard).name != shard:
-                return f"{index.name} names '{shard}', which is not a file in this folder"
-        files = [folder / shard for shard in shards]
+    """Every safetensors file a load may read must be complete: each shard the index names (a missing one is a
+    problem, and so is a tensor the index places in a shard that does not hold it), and ``model.safetensors``, which
+    transformers prefers when both are there."""
+    try:
+        weight_map = read_index(folder)
+    except ShardIndexError as exc:
+        return str(exc)
+    if weight_map is not None:
+        files = [folder / shard for shard in sorted(set(weight_map.values()))]
+        if (folder / SINGLE_WEIGHTS).is_file():
+            files.append(folder / SINGLE_WEIGHTS)
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -74,10 +94,14 @@ def _weights_problem(folder: Path) -> str | None:
         return "no *.safetensors weights"
     for file in files:
         if not file.is_file():
-            return f"weights file {file.name} is missing"
-        problem = safetensors_problem(file)
+            return f"weights file {file.name} is missing (named in {WEIGHTS_INDEX})"
+        keys, problem = _safetensors_header(file)
         if problem:
             return problem
+        if weight_map is not None and file.name != SINGLE_WEIGHTS:
+            absent = sorted(name for name, shard in weight_map.items() if shard == file.name and name not in keys)
+            if absent:
+                return f"{WEIGHTS_INDEX} places '{absent[0][:200]}' in {file.name}, which does not hold it"
     return None
 
 

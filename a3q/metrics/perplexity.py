@@ -83,11 +83,15 @@ def perplexity(
     description: str = "perplexity",
     cache_chunk: int | None = None,
     make_cache: Callable[[], Any] | None = None,
+    across_processes: bool = False,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``windows`` ([n, seq_len] token ids).
 
     ``cache_chunk``: feed each window in chunks of this many tokens through a KV cache (``make_cache()``, by
     default the model's own cache from :func:`a3q.cache.new_cache`) instead of in one forward pass.
+    ``across_processes``: in a data-parallel run (:mod:`a3q.distributed`) each process scores its contiguous share
+    of ``windows`` (a process may get none) and the NLL sums and prediction counts are summed over the processes, so
+    every process returns the perplexity of all ``windows``; a non-finite loss on any process fails them all.
     """
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError("windows must have shape [n, seq_len] with seq_len >= 2")
@@ -100,6 +104,14 @@ def perplexity(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    from a3q import distributed
+
+    all_windows, offset, bad_windows = windows, 0, []
+    if across_processes and distributed.world_size() > 1:
+        parts = torch.tensor_split(windows, distributed.world_size())
+        offset = sum(part.shape[0] for part in parts[: distributed.rank()])
+        windows = parts[distributed.rank()]
+        progress = progress and distributed.is_main()
     nll_sum = 0.0
     starts = range(0, windows.shape[0], batch_size)
     for start in tqdm(starts, desc=description, unit="batch", disable=not progress, leave=False):
@@ -109,14 +121,24 @@ def perplexity(
         else:
             nll = chunked_window_nll(model, batch, cache_chunk, make_cache)
         if not torch.isfinite(nll).all():
-            bad = (~torch.isfinite(nll)).nonzero().flatten().add(start).tolist()
-            raise NonFiniteLossError(f"non-finite loss in window(s) {bad}: the model's output is broken")
+            bad_windows += (~torch.isfinite(nll)).nonzero().flatten().add(start + offset).tolist()
+            if windows is all_windows:  # one process: fail at once
+                break
+            continue
         nll_sum += float(nll.sum())
     model.train(was_training)
     predicted = windows.shape[0] * (windows.shape[1] - 1)
+    if windows is not all_windows:  # exact sums over the processes: float64 NLL, integer counts below 2⁵³
+        totals = distributed.all_reduce_sum(torch.tensor([nll_sum, float(predicted), float(len(bad_windows))],
+                                                         dtype=torch.float64))
+        nll_sum, predicted, bad = float(totals[0]), int(totals[1]), int(totals[2])
+        if bad and not bad_windows:
+            bad_windows = [f"{bad} on other processes"]
+    if bad_windows:
+        raise NonFiniteLossError(f"non-finite loss in window(s) {bad_windows}: the model's output is broken")
     return PerplexityResult(
         perplexity=math.exp(nll_sum / predicted),
         nll_sum=nll_sum,
         predicted_tokens=predicted,
-        windows=int(windows.shape[0]),
+        windows=int(all_windows.shape[0]),
     )

@@ -29,8 +29,8 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 def pack_rows(codes: Tensor, bits: int) -> Tensor:
     """Pack ``codes [n, m]`` (0 ≤ code < 2^bits) along dim 0 into int32 words ``[ceil(n·bits/32), m]``."""
     n, m = codes.shape
-    words = torch.zeros(math.ceil(n * bits / 32) + 1, m, dtype=torch.int64)
-    offsets = torch.arange(n, dtype=torch.int64) * bits
+    words = torch.zeros(math.ceil(n * bits / 32) + 1, m, dtype=torch.int64, device=codes.device)
+    offsets = torch.arange(n, dtype=torch.int64, device=codes.device) * bits
     word, shift = offsets // 32, (offsets % 32).unsqueeze(1)
     values = codes.to(torch.int64)
     words.index_add_(0, word, (values << shift) & 0xFFFFFFFF)
@@ -43,8 +43,9 @@ def pack_rows(codes: Tensor, bits: int) -> Tensor:
 
 def unpack_rows(words: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of :func:`pack_rows`: the first ``n`` codes of each column, as int32 ``[n, m]``."""
-    unsigned = torch.cat([words.to(torch.int64) & 0xFFFFFFFF, torch.zeros(1, words.shape[1], dtype=torch.int64)])
-    offsets = torch.arange(n, dtype=torch.int64) * bits
+    unsigned = torch.cat([words.to(torch.int64) & 0xFFFFFFFF,
+                          torch.zeros(1, words.shape[1], dtype=torch.int64, device=words.device)])
+    offsets = torch.arange(n, dtype=torch.int64, device=words.device) * bits
     word, shift = offsets // 32, (offsets % 32).unsqueeze(1)
     low = unsigned[word] >> shift
     high = unsigned[word + 1] << (32 - shift)  # only matters where a code straddles two words
@@ -88,12 +89,12 @@ class GPTQLinear(nn.Module):
 
     def codes(self) -> Tensor:
         """Integer codes ``[out, in]``."""
-        return unpack_rows(self.qweight.cpu(), self.bits, self.in_features).t().to(self.qweight.device)
+        return unpack_rows(self.qweight, self.bits, self.in_features).t()
 
     def zeros(self) -> Tensor:
         """Zero points ``[groups, out]``, stored minus one (so a zero point lies in 1 … 2^bits − 1)."""
-        stored = unpack_rows(self.qzeros.t().contiguous().cpu(), self.bits, self.out_features).t()
-        return (stored + 1).to(self.qzeros.device)
+        stored = unpack_rows(self.qzeros.t().contiguous(), self.bits, self.out_features).t()
+        return stored + 1
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The float weight ``[out, in]``: ``scales[g] · (q − zero[g])`` per input's group ``g = g_idx[i]``."""

@@ -68,10 +68,12 @@ def remote_code_entry(model_type: str) -> tuple[str, str]:
     return Path(module.__file__).stem, lm_name
 
 
-def save_with_remote_code(model: PreTrainedModel, directory: str | Path) -> Path:
+def save_with_remote_code(model: PreTrainedModel, directory: str | Path, max_shard_size: int | str = "50GB") -> Path:
     """Save ``model`` (safetensors) plus its modeling file, loadable with ``trust_remote_code=True`` without a3q.
 
-    Sets ``config.auto_map`` so the Auto classes find ``modeling_a3q_*.py`` in ``directory``.
+    Sets ``config.auto_map`` so the Auto classes find ``modeling_a3q_*.py`` in ``directory``. Weights larger than
+    ``max_shard_size`` (transformers' default, ``"50GB"``) are written as shards plus ``model.safetensors.index.json``
+    by ``save_pretrained``, one shard at a time.
     """
     model_type = getattr(model.config, "model_type", None)
     if model_type not in _REMOTE_CODE:
@@ -84,7 +86,7 @@ def save_with_remote_code(model: PreTrainedModel, directory: str | Path) -> Path
         "AutoConfig": f"{stem}.{config_name}",
         "AutoModelForCausalLM": f"{stem}.{lm_name}",
     }
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
     shutil.copyfile(module.__file__, directory / f"{stem}.py")
     # the modeling file imports these (relative imports): factored and GPTQ linears rebuilt from config.a3q_factorized
     # / config.a3q_gptq, and the exact CPU path for bitsandbytes 4-bit linears

@@ -14,7 +14,15 @@ One pass, layer by layer, for every calibrating stage of a group at once:
    and outputs are checked for non-finite values, naming the layer;
 5. each stage's ``finish`` updates the graph's description.
 
-Device placement, offloading, distributed reduction and checkpoints belong here, once, for every stage.
+With a :class:`~a3q.checkpoint.layer_pass.PassCheckpoint`, the pass saves itself after planning and after every few layers
+(finished layers, each stream's next inputs, stage states) and, when resuming, continues from the saved layer; signals
+that arrive while a layer is being processed stop the pass after it, with a checkpoint.
+
+Data-parallel runs (:mod:`a3q.distributed`): each process observes its shard of the windows; after each observation
+of a layer (and, for planners, after observing every layer) each stage's
+:meth:`~a3q.pipeline.stage.CalibratingStage.reduce_statistics` sums its statistics over the processes before
+``process``/``plan`` reads them, and after each layer :func:`a3q.distributed.check_identical` checks that every
+process holds the same layer. Device placement and offloading belong here too, once, for every stage.
 """
 
 from __future__ import annotations
@@ -22,16 +30,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from a3q import distributed
 from a3q.arch import LAYER_PREFIX, decoder_layers, final_norm
 from a3q.graph import ModelGraph
 from a3q.numerics import check_activations_finite, check_module_finite
 from a3q.pipeline.stage import CalibratingStage, StopLayer
+
+if TYPE_CHECKING:
+    from a3q.checkpoint.layer_pass import PassCheckpoint
 
 
 @dataclass
@@ -116,6 +128,10 @@ class LayerProbe:
 
     Every layer's inputs on the probe windows are kept from one pass, so a probe of layer ℓ runs only layers ℓ…
     and the LM head (half the cost of a full forward on average), for any architecture family.
+
+    In a data-parallel run every process builds its probe from the same, unsharded probe windows (the first windows
+    of the full calibration set, cut identically on every rank) on the same model, so each rank measures the same KL
+    and plans the same ranks: nothing of a probe is reduced across processes.
     """
 
     def __init__(self, graph: ModelGraph, windows: Tensor) -> None:
@@ -154,11 +170,13 @@ def _timed(stage: CalibratingStage, work: Callable[[], Any]) -> Any:
 def run_pipeline(
     graph: ModelGraph, windows: Tensor | None, stages: list[CalibratingStage], progress: bool = True,
     after_finish: Callable[[CalibratingStage, ModelGraph], None] | None = None,
+    checkpoint: PassCheckpoint | None = None,
 ) -> ModelGraph:
     """Run ``stages`` through one layer-by-layer pass over ``windows`` (see the module docstring).
 
     ``after_finish(stage, graph)`` is called after each stage's ``finish``, in recipe order, so the engine can
     record a report row per stage. Only the layer pass runs without gradients: a stage's ``finish`` may train.
+    ``checkpoint`` saves (and, when it holds a saved pass, restores) the layer pass.
     """
     for stage in stages:
         graph = _timed(stage, lambda: stage.begin(graph))
@@ -166,7 +184,11 @@ def run_pipeline(
     if active:
         if windows is None:
             raise ValueError("calibrating stages need calibration windows")
-        graph = _run_layers(graph, windows, active, progress)
+        if checkpoint is None:
+            graph = _run_layers(graph, windows, active, progress, None)
+        else:
+            with checkpoint.deferring_stops():  # a signal stops the pass after the current layer
+                graph = _run_layers(graph, windows, active, progress, checkpoint)
     for stage in stages:
         graph = _timed(stage, lambda: stage.finish(graph))
         if after_finish is not None:
@@ -174,22 +196,52 @@ def run_pipeline(
     return graph
 
 
+def _stream_hidden(stages: list[CalibratingStage], streams: dict[int, CapturedInputs],
+                   sequential: CapturedInputs | None) -> dict[str, list[Tensor]]:
+    """Each stream's hidden states by a name that survives a restart: ``stage<position>`` or ``sequential``."""
+    hidden = {f"stage{position}": streams[id(stage)].hidden for position, stage in enumerate(stages)
+              if id(stage) in streams}
+    if sequential is not None:
+        hidden["sequential"] = sequential.hidden
+    return hidden
+
+
 @torch.no_grad()
-def _run_layers(graph: ModelGraph, windows: Tensor, stages: list[CalibratingStage], progress: bool) -> ModelGraph:
+def _run_layers(graph: ModelGraph, windows: Tensor, stages: list[CalibratingStage], progress: bool,
+                checkpoint: PassCheckpoint | None) -> ModelGraph:
     batch_size = max(stage.batch_size for stage in stages)
     names = "+".join(stage.name for stage in stages)
     planners = [stage for stage in stages if stage.needs_plan()]
-    for planner in planners:  # every layer's statistics before any layer changes
+    if checkpoint is not None:
+        checkpoint.bind(windows)
+    resumed = checkpoint.restore(graph, stages) if checkpoint is not None else None
+    # data-parallel (a3q.distributed): this process observes its share of the windows, and every statistic is
+    # summed over the processes before a layer is changed (or planned from); probes use every window, unsharded
+    reduce = distributed.all_reduce_sum if distributed.world_size() > 1 else None
+    every_window, windows = windows, distributed.shard(windows)
+    for planner in planners if resumed is None else []:  # every layer's statistics before any layer changes
         _timed(planner, lambda: observe_layers(graph, windows, planner.observe, batch_size, progress,
                                                f"{planner.name} statistics"))
-        probe_windows = planner.probe_windows(windows)
+        if reduce is not None:
+            _timed(planner, lambda: [planner.reduce_statistics(i, reduce) for i in range(len(graph.layers))])
+        probe_windows = planner.probe_windows(every_window)
         probe = LayerProbe(graph, probe_windows) if probe_windows is not None else None
         _timed(planner, lambda: planner.plan(graph, probe))
     entry = capture_layer_inputs(graph, windows, batch_size)
     streams = {id(s): entry for s in stages if s.statistics == "dense" and s not in planners}
     sequential = entry if any(s.statistics == "sequential" for s in stages) else None
+    start = 0
+    if resumed is not None:  # the saved inputs of the next layer, with the keyword arguments captured again
+        start = resumed.next_layer
+        streams = {id(s): entry.with_hidden(resumed.hidden[f"stage{position}"]) for position, s in enumerate(stages)
+                   if id(s) in streams}
+        sequential = entry.with_hidden(resumed.hidden["sequential"]) if sequential is not None else None
+    elif planners and checkpoint is not None:
+        checkpoint.after_plan(graph, stages, _stream_hidden(stages, streams, sequential))
     prefix = LAYER_PREFIX[graph.family]
-    for index in tqdm(range(len(graph.layers)), desc=f"{names} (layer by layer)", disable=not progress, leave=False):
+    layers = tqdm(range(start, len(graph.layers)), desc=f"{names} (layer by layer)", disable=not progress,
+                  leave=False, initial=start, total=len(graph.layers))
+    for index in layers:
         for stage in stages:
             def work() -> None:
                 nonlocal sequential
@@ -201,14 +253,22 @@ def _run_layers(graph: ModelGraph, windows: Tensor, stages: list[CalibratingStag
                     handles = stage.observe(graph, index)
                     if handles:
                         run_layer(layer, inputs, handles)
+                if reduce is not None and stage not in planners:
+                    stage.reduce_statistics(index, reduce)
                 while stage.process(graph, index):  # another look at the layer, as changed so far
                     layer = decoder_layers(graph.model, graph.family)[index]
                     run_layer(layer, inputs, stage.observe(graph, index))
+                    if reduce is not None:
+                        stage.reduce_statistics(index, reduce)
             _timed(stage, work)
             layer = decoder_layers(graph.model, graph.family)[index]
             check_module_finite(layer, f"{stage.name}, layer {index}", prefix=prefix.format(index=index))
+        if reduce is not None:  # every process must now hold the same layer (a3q.distributed.check_identical)
+            distributed.check_identical(decoder_layers(graph.model, graph.family)[index], f"{names}, layer {index}")
         if sequential is not None:
             layer = decoder_layers(graph.model, graph.family)[index]
             sequential = sequential.with_hidden(run_layer(layer, sequential))
             check_activations_finite(sequential.hidden, f"{names}: output of layer {index}")
+        if checkpoint is not None:
+            checkpoint.after_layer(graph, index, stages, _stream_hidden(stages, streams, sequential))
     return graph

@@ -9,9 +9,13 @@ A stage never runs the model, never moves tensors between devices and never writ
   what GPTQ needs: each layer is fitted to what it will see at inference);
 * :meth:`CalibratingStage.observe`: hooks on one layer that accumulate what :meth:`~CalibratingStage.process`
   needs (plain sums with token counts, so they could be reduced across processes);
+* :meth:`CalibratingStage.reduce_statistics`: in a data-parallel run (:mod:`a3q.distributed`), sums what
+  ``observe`` accumulated over every rank, before ``process`` (or ``plan``) reads it;
 * :meth:`CalibratingStage.plan` (optional, ``needs_plan``): sees every layer's statistics before any layer is
   changed, with a :class:`Probe` to measure the loss of trial changes (A³'s global rank allocation);
-* :meth:`CalibratingStage.process`: change one layer in place (and, if it returns True, observe it again).
+* :meth:`CalibratingStage.process`: change one layer in place (and, if it returns True, observe it again);
+* :meth:`CalibratingStage.state_dict`: what later layers and ``finish`` need from earlier ones, for checkpoints
+  (:mod:`a3q.checkpoint`): JSON values and tensors; :attr:`CalibratingStage.checkpointed` names plain attributes.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ class CalibratingStage:
     statistics: Statistics = "sequential"
     #: windows per forward; the pass uses the largest of its stages'
     batch_size: int = 4
+    #: whether :meth:`process` changes layer sizes (one such stage per pass: see ``a3q.passes.plan_groups``)
+    resizes_layers: bool = False
+    #: attributes carried from layer to layer (JSON values and tensors), saved in checkpoints by :meth:`state_dict`
+    checkpointed: tuple[str, ...] = ("seconds", "metrics")
 
     def __init__(self) -> None:
         self.seconds = 0.0  # this stage's share of the pass: its observation forwards and processing
@@ -75,6 +83,17 @@ class CalibratingStage:
         """Register hooks on layer ``index`` that record what :meth:`process` needs; returns the handles."""
         return []
 
+    def reduce_statistics(self, index: int, reduce: Callable[[Tensor], Tensor]) -> None:
+        """Replace what :meth:`observe` accumulated for layer ``index`` by its sum over every process.
+
+        Called by the pipeline in a multi-process run only, after each observation of the layer and before
+        :meth:`process` (for planners: after every layer's observation, before :meth:`plan`). ``reduce(t)`` returns
+        the element-wise sum of ``t`` over the ranks; reduce **sums and token counts, never averages** (normalise
+        afterwards, as ``process`` does anyway), and prefer one call per layer (e.g.
+        :func:`a3q.distributed.reduce_together`). Every rank must make the same calls in the same order, whatever
+        its data. Default: nothing to reduce.
+        """
+
     def plan(self, graph: ModelGraph, probe: Probe | None) -> None:
         """After every layer was observed, before any is processed (only when :meth:`needs_plan`)."""
 
@@ -88,3 +107,15 @@ class CalibratingStage:
     def finish(self, graph: ModelGraph) -> ModelGraph:
         """After the pass: update the graph's description; fill :attr:`metrics`."""
         return graph
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed pass needs from the layers before (between layers; JSON values and tensors)."""
+        return {name: getattr(self, name) for name in self.checkpointed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (after :meth:`begin`); only the attributes it names."""
+        unknown = set(state) - set(self.checkpointed)
+        if unknown:
+            raise ValueError(f"{self.name}: checkpoint state names unknown attributes {sorted(unknown)}")
+        for name, value in state.items():
+            setattr(self, name, value)

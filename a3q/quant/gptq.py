@@ -28,6 +28,7 @@ H's scale.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,11 +49,27 @@ class HessianAccumulator:
     def add(self, inputs: Tensor) -> None:
         flat = inputs.detach().reshape(-1, inputs.shape[-1])
         flat = flat.to(torch.float64 if flat.dtype == torch.float64 else torch.float32)
-        self.sum += (flat.t() @ flat).to(torch.float64).cpu()
+        if self.sum.device != flat.device:  # accumulate where the inputs are (the model's device)
+            self.sum = self.sum.to(flat.device)
+        self.sum += (flat.t() @ flat).to(torch.float64)
         self.tokens += flat.shape[0]
 
     def hessian(self) -> Tensor:
         return 2 * self.sum / max(self.tokens, 1)
+
+    @staticmethod
+    def reduce_all(accumulators: list[HessianAccumulator], reduce: Callable[[Tensor], Tensor]) -> None:
+        """Sum every accumulator's ``sum`` and ``tokens`` over all processes in ONE ``reduce`` call (the sums, never
+        ``hessian()``: normalising happens after); ``reduce(t)`` is the element-wise sum of ``t`` over the ranks."""
+        from a3q.distributed import reduce_together
+
+        if not accumulators:
+            return
+        device = accumulators[0].sum.device
+        counts = torch.tensor([float(acc.tokens) for acc in accumulators], dtype=torch.float64, device=device)
+        *sums, tokens = reduce_together([acc.sum for acc in accumulators] + [counts], reduce)
+        for accumulator, total, count in zip(accumulators, sums, tokens.tolist()):
+            accumulator.sum, accumulator.tokens = total, int(round(count))
 
 
 @dataclass
@@ -118,13 +135,14 @@ def processing_order(diagonal: Tensor, group_size: int, act_order: bool = False,
         metric = torch.stack([diagonal[start : start + group].max() for start in starts])
         visit = torch.argsort(metric, descending=True, stable=True).tolist()
         order = torch.cat([local[g] for g in visit])
-        groups = torch.cat([torch.full((local[g].shape[0],), g, dtype=torch.long) for g in visit])
+        groups = torch.cat([torch.full((local[g].shape[0],), g, dtype=torch.long, device=diagonal.device)
+                            for g in visit])
         return order, groups
     if act_order:
         order = torch.argsort(diagonal, descending=True, stable=True)
     else:
-        order = torch.arange(n)
-    return order, torch.arange(n) // group
+        order = torch.arange(n, device=diagonal.device)
+    return order, torch.arange(n, device=diagonal.device) // group
 
 
 def _segments(groups: Tensor) -> list[tuple[int, int, int]]:
@@ -159,7 +177,7 @@ def damped_inverse_factor(H: Tensor, damp_percent: float, damp_auto: bool = Fals
     mean = torch.mean(torch.diag(H))
     damp = damp_percent
     while True:
-        damped = H + damp * mean * torch.eye(n, dtype=H.dtype)
+        damped = H + damp * mean * torch.eye(n, dtype=H.dtype, device=H.device)
         lower, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
@@ -185,7 +203,7 @@ def gptq_quantize(
     # Columns of W are rows of Wt, so every per-column step touches contiguous memory.
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
     Wt = weight.detach().to(work).t().contiguous()  # [in, out]
-    H_measured = hessian.to(torch.float64)
+    H_measured = hessian.to(device=Wt.device, dtype=torch.float64)
     H = H_measured.clone()
     dead = torch.diag(H) == 0
     # an input that never fires carries no information: its weight is irrelevant (set to 0, quantized exactly) and
@@ -203,8 +221,9 @@ def gptq_quantize(
     codes = torch.zeros_like(Wt)
     Qt = torch.zeros_like(Wt)
     count = int(groups.max()) + 1
-    scales = torch.zeros(count, out_features, dtype=work)
-    zeros = torch.zeros(count, out_features, dtype=work)
+    scales = torch.zeros(count, out_features, dtype=work, device=Wt.device)
+    zeros = torch.zeros(count, out_features, dtype=work, device=Wt.device)
+    group_of = groups.tolist()  # read per column below: a host list, no device sync per column
     if not grouped:  # one group: its parameters come from the whole (uncorrected) row, as in the paper
         scales[0], zeros[0] = group_parameters(Wt.t(), bits, sym)
     for start, end in _blocks(segments, in_features, block_size, grouped):
@@ -212,7 +231,7 @@ def gptq_quantize(
         errors = torch.zeros_like(block)
         for i in range(end - start):
             column = start + i
-            g = int(groups[column])
+            g = group_of[column]
             if grouped and column in group_end:
                 stop = group_end[column][0] - start
                 scales[g], zeros[g] = group_parameters(block[i:stop].t(), bits, sym)

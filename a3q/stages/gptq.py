@@ -98,6 +98,7 @@ class GPTQStage(CalibratingStage):
     """
 
     statistics = "sequential"
+    checkpointed = CalibratingStage.checkpointed + ("errors", "damps", "quantized_paths", "kernel_refusals")
 
     def __init__(self, config: GPTQConfig) -> None:
         super().__init__()
@@ -154,6 +155,17 @@ class GPTQStage(CalibratingStage):
 
             handles.append(first.register_forward_pre_hook(hook))
         return handles
+
+    def reduce_statistics(self, index: int, reduce) -> None:
+        """Sum the Hessians just measured over every process, in one ``reduce`` call: the next group's only in a
+        later true-sequential round, the first group's in the first one (the others are measured later), else all."""
+        if self.pending is not None:
+            keys = [self.pending[0]]
+        elif self.config.true_sequential and self.forward_order:
+            keys = [self.forward_order[0]]
+        else:
+            keys = sorted(self.hessians)
+        HessianAccumulator.reduce_all([self.hessians[key] for key in keys], reduce)
 
     @torch.no_grad()
     def process(self, graph: ModelGraph, index: int) -> bool:

@@ -158,7 +158,7 @@ class KVStage(HeadSpaceCompression):
                 kv_rank_reduction=1 - values_after / self.values_before,
                 ranks={"qk": first.qk, "vo": first.vo} if all(p == first for p in self.plans)
                 else [[p.qk, p.vo] for p in self.plans],
-                relative_error={c: [r.relative_error.get(c) for r in self.results] for c in ("qk", "ov")},
+                relative_error={c: [errors.get(c) for errors in self.relative_errors] for c in ("qk", "ov")},
             )
         if self.config.bits is not None:
             graph.set_kv_cache(self.config.cache_setting())

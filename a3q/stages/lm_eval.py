@@ -42,6 +42,8 @@ BOOTSTRAP_ITERS = 1000
 class LmEvalConfig(StageConfig):
     """Settings of the ``lm_eval`` stage; see the module docstring."""
 
+    changes_model = False
+
     tasks: list[str] = Field(min_length=1)
     include_path: str | None = None
     limit: int | float | None = None

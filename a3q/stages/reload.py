@@ -47,6 +47,7 @@ def _latest_export(context) -> str:
 @register_stage("reload", ReloadConfig)
 def reload(graph, config: ReloadConfig, context):
     path = config.path if config.path is not None else _latest_export(context)
-    reloaded = load_graph(path, context.recipe.dtype, verify=config.verify)
+    device = next(graph.model.parameters()).device  # where the run's model is (the recipe's device, resolved)
+    reloaded = load_graph(path, context.recipe.dtype, verify=config.verify, device=device)
     context.metrics.update(note=f"← {path}" + ("" if config.verify else " (not verified)"))
     return reloaded

@@ -8,12 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from a3q.calib.sources import enwiki
+
 from a3q.calib.windows import sequential_windows
 from a3q.metrics.perplexity import NonFiniteLossError, perplexity
 
 
 def test_perplexity_matches_hand_computation_on_real_model(smollm2):
-    windows = sequential_windows(smollm2.tokenizer, "enwiki", "test", 48, max_windows=3)
+    windows = sequential_windows(smollm2.tokenizer, enwiki("test"), 48, max_windows=3)
     result = perplexity(smollm2.model, windows, batch_size=2, progress=False)
     nll = 0.0
     count = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from a3q.cache import QuantizedKVCache
+from a3q.calib.sources import enwiki
 from a3q.calib.windows import sequential_windows
 from a3q.metrics.perplexity import perplexity
 from a3q.recipe import RecipeError, parse_recipe
@@ -13,7 +14,7 @@ from a3q.recipe import RecipeError, parse_recipe
 
 @pytest.fixture(scope="module")
 def windows(smollm2):
-    return sequential_windows(smollm2.tokenizer, "enwiki", "test", 256, max_windows=2)
+    return sequential_windows(smollm2.tokenizer, enwiki("test"), 256, max_windows=2)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from a3q.arch import decoder_layers, describe
-from a3q.engine import StageContext, apply_stage, plan_groups
+from a3q.engine import StageContext, apply_stage, apply_stages, plan_groups
 from a3q.pipeline.runner import LayerProbe, run_pipeline
 from a3q.pipeline.stage import CalibratingStage
 from a3q.recipe import parse_recipe
@@ -40,6 +40,18 @@ def test_engine_groups_consecutive_calibrating_stages_only():
     assert _groups([{**a3, "allocation": "global"}, gptq]) == [["a3", "gptq"]]
     assert _groups([{**a3, "components": ["mlp"]}, {**a3, "allocation": "global", "components": ["qk"]}]) == [["a3"], ["a3"]]
     assert _groups([{"stage": "kv", "bits": 8}, gptq]) == [["kv"], ["gptq"]]  # bits only: no calibration
+    # KV ranks are planned from the sizes A³ leaves: one resizing stage per pass (GPTQ still joins)
+    assert _groups([{**a3, "components": ["mlp"]}, {"stage": "kv", "kv_ratio": 0.3}, gptq]) == [["a3"], ["kv", "gptq"]]
+
+
+def test_a3_then_kv_ranks_leave_config_modules_and_description_agreeing():
+    graph, _ = apply_stages(graph_of(tiny_llama()), [("a3", {"ratio": 0.3, "components": ["mlp"]}),
+                                                     ("kv", {"kv_ratio": 0.3})], tokens())
+    layers = graph.model.model.layers
+    assert graph.model.config.intermediate_sizes == [layer.mlp.gate_proj.out_features for layer in layers] == \
+        [layer.intermediate_size for layer in graph.layers] == [56, 56]
+    assert graph.model.config.qk_head_dims == [layer.qk_head_dim for layer in graph.layers]
+    assert all(layer.qk_head_dim < 16 for layer in graph.layers)
 
 
 def test_full_rank_a3_reproduces_the_model_with_either_statistics():

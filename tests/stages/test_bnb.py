@@ -19,6 +19,7 @@ from torch import nn
 
 import a3q
 from a3q.arch import LAYER_PREFIX, LINEAR_PATHS, describe, layer_linears
+from a3q.calib.sources import enwiki
 from a3q.calib.windows import sequential_windows
 from a3q.io.artifact import save_artifact
 from a3q.quant import bnb as bnb_format
@@ -109,7 +110,7 @@ def test_quantizing_twice_and_float_stages_after_bnb_are_refused():
 
 @pytest.fixture(scope="module")
 def text_ids(smollm2):
-    return sequential_windows(smollm2.tokenizer, "enwiki", "test", 64, 2)
+    return sequential_windows(smollm2.tokenizer, enwiki("test"), 64, 2)
 
 
 @pytest.fixture(scope="module")

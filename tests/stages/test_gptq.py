@@ -171,12 +171,13 @@ def test_act_group_aware_export_is_plain_v1_and_reloads_identically(aga_runs):
 
 def test_act_group_aware_lowers_the_error_on_smollm2_hessians():
     """Layer 0's real Hessians (q/k/v input, down_proj input) from enwiki/calib: GAR beats plain GPTQ on both."""
+    from a3q.calib.sources import enwiki
     from a3q.calib.windows import random_windows
     from a3q.io.loading import load_graph
     from a3q.quant.gptq import HessianAccumulator, gptq_quantize
 
     graph = load_graph("smollm2-135m")
-    windows = random_windows(graph.tokenizer, "enwiki", "calib", 128, 4, 0)
+    windows = random_windows(graph.tokenizer, enwiki("calib"), 128, 4, 0)
     layer = graph.model.model.layers[0]
     accumulators = {name: HessianAccumulator(getattr(layer, path).get_submodule(name).in_features)
                     for path, name in (("self_attn", "q_proj"), ("mlp", "down_proj"))}

@@ -15,6 +15,7 @@ import torch
 
 from a3q.cache import QuantizedKVCache
 from a3q.cache.quantized import dequantize, quantize
+from a3q.calib.sources import enwiki
 from a3q.calib.windows import sequential_windows
 from a3q.recipe import RecipeError, StageSpec, parse_recipe
 from a3q.registry import StageConfig
@@ -24,7 +25,7 @@ from a3q.stages.kv import KVConfig, plan_kv_ranks
 
 def _kv(graph, config: KVConfig):
     """The kv stage on a copy of ``graph`` (stages change the model in place, as in a run): (graph, report fields)."""
-    windows = sequential_windows(graph.tokenizer, "enwiki", "calib", 64, max_windows=2)
+    windows = sequential_windows(graph.tokenizer, enwiki("calib"), 64, max_windows=2)
     return apply_stage(copy.deepcopy(graph), "kv", config, windows=windows)
 
 
@@ -47,7 +48,7 @@ def test_quantize_round_trip_error_is_half_a_step(bits, dim, size):
 def test_generation_stores_what_the_graph_reports(smollm2, bits, key_axis):
     graph, _ = _kv(smollm2, KVConfig(bits=bits, group_size=16, residual=16, key_axis=key_axis))
     assert smollm2.kv_cache is None and getattr(smollm2.model.generation_config, "a3q_kv_cache", None) is None
-    prompts = sequential_windows(smollm2.tokenizer, "enwiki", "test", 40, max_windows=2)
+    prompts = sequential_windows(smollm2.tokenizer, enwiki("test"), 40, max_windows=2)
     out = graph.model.generate(
         prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=6, min_new_tokens=6, do_sample=False,
         return_dict_in_generate=True, pad_token_id=smollm2.tokenizer.eos_token_id,
@@ -86,7 +87,7 @@ def test_kv_ratio_stage_on_real_model(smollm2):
     assert sum(metrics["kv_bytes_per_layer"]) == graph.kv_bytes_per_token()
     assert metrics["kv_bytes_per_token_before"] == 30 * 3 * 128 * 4
     assert graph.kv_cache["bits"] == 8 and graph.decoder_linear_params() < smollm2.decoder_linear_params()
-    window = sequential_windows(smollm2.tokenizer, "enwiki", "test", 32, max_windows=1)
+    window = sequential_windows(smollm2.tokenizer, enwiki("test"), 32, max_windows=1)
     with torch.no_grad():
         assert torch.isfinite(graph.model(window).logits).all()
 
@@ -142,7 +143,7 @@ def test_export_reload_keeps_the_cache_setting(smollm2, tmp_path):
     reloaded = load_graph(path)
     assert reloaded.kv_cache == graph.kv_cache and reloaded.kv_cache_bits == 4
     assert reloaded.kv_bytes_per_token() == graph.kv_bytes_per_token()
-    prompt = sequential_windows(smollm2.tokenizer, "enwiki", "test", 24, max_windows=1)
+    prompt = sequential_windows(smollm2.tokenizer, enwiki("test"), 24, max_windows=1)
     out = reloaded.model.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2, do_sample=False,
         return_dict_in_generate=True, pad_token_id=smollm2.tokenizer.eos_token_id,

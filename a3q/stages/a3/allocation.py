@@ -115,7 +115,7 @@ def _tail(sorted_energy: Tensor) -> Tensor:
     """``[groups, n]`` descending energies → relative dropped energy at kept count 0…n (summed over groups)."""
     energy = sorted_energy.double().sum(0)
     total = float(energy.sum()) or 1.0
-    kept = torch.cat([torch.zeros(1, dtype=torch.float64), energy.cumsum(0)])
+    kept = torch.cat([torch.zeros(1, dtype=torch.float64, device=energy.device), energy.cumsum(0)])
     return (1.0 - kept / total).clamp_min(0.0)
 
 
@@ -166,18 +166,18 @@ def _probe_weights(weights, layer: LayerStructure, stats: LayerStatistics, compo
     so each kept pair keeps its frequency), so the probe needs no new model: it swaps tensors in and out.
     """
     out: dict[str, Tensor] = {}
-    dtype = weights["q.weight"].dtype
+    dtype, device = weights["q.weight"].dtype, weights["q.weight"].device
     if component == "mlp":
         channels = select_channels(mlp_channel_scores(stats.mlp_x2, weights["down.weight"].T), rank)
-        mask = torch.zeros(layer.intermediate_size, dtype=dtype)
+        mask = torch.zeros(layer.intermediate_size, dtype=dtype, device=device)
         mask[channels] = 1
         out["down.weight"] = weights["down.weight"] * mask[None, :]
         return out
     group = layer.num_heads // layer.num_kv_heads
     if component == "qk" and rope:
         d, half = layer.qk_head_dim, layer.qk_head_dim // 2
-        q_mask = torch.zeros(layer.num_heads, d, dtype=dtype)
-        k_mask = torch.zeros(layer.num_kv_heads, d, dtype=dtype)
+        q_mask = torch.zeros(layer.num_heads, d, dtype=dtype, device=device)
+        k_mask = torch.zeros(layer.num_kv_heads, d, dtype=dtype, device=device)
         for kv in range(layer.num_kv_heads):
             heads = range(kv * group, (kv + 1) * group)
             scores = rope_pair_scores(torch.stack([stats.g_q[h].diagonal() for h in heads]), stats.g_k[kv].diagonal())
@@ -202,12 +202,12 @@ def _probe_weights(weights, layer: LayerStructure, stats: LayerStatistics, compo
             if key in result.weights:
                 tensor = result.weights[key]
                 blocks = tensor.reshape(-1, rank, *tensor.shape[1:])
-                padded = torch.zeros(blocks.shape[0], d, *tensor.shape[1:], dtype=tensor.dtype)
+                padded = torch.zeros(blocks.shape[0], d, *tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)
                 padded[:, :rank] = blocks
                 out[key] = padded.reshape(-1, *tensor.shape[1:])
     if component == "ov":
         o = result.weights["o.weight"].reshape(-1, layer.num_heads, rank)
-        padded = torch.zeros(o.shape[0], layer.num_heads, d, dtype=o.dtype)
+        padded = torch.zeros(o.shape[0], layer.num_heads, d, dtype=o.dtype, device=o.device)
         padded[:, :, :rank] = o
         out["o.weight"] = padded.reshape(o.shape[0], -1)
     return out

@@ -139,13 +139,13 @@ class A3Stage(HeadSpaceCompression):
 
     def finish(self, graph: ModelGraph) -> ModelGraph:
         compressed = redescribe(graph)
-        self.metrics.update(a3_metrics(self.config, self.plans, self.results, compressed, self.params_before,
+        self.metrics.update(a3_metrics(self.config, self.plans, self.relative_errors, compressed, self.params_before,
                                        self.kv_before))
         self.metrics.update(statistics=self.config.statistics, calibration_tokens=self.calibration_tokens)
         return compressed
 
 
-def a3_metrics(config: A3Config, plans, results, compressed, params_before: int, kv_before: float) -> dict:
+def a3_metrics(config: A3Config, plans, relative_errors, compressed, params_before: int, kv_before: float) -> dict:
     """The report fields of an A³ run: achieved ratio, ranks, per-component relative errors, a short note."""
     params_after = compressed.decoder_linear_params()
     first = plans[0]
@@ -155,7 +155,7 @@ def a3_metrics(config: A3Config, plans, results, compressed, params_before: int,
         params_before=params_before,
         kv_bytes_per_token_before=kv_before,
         ranks={"qk": first.qk, "vo": first.vo, "ff": first.ff} if uniform else [vars(p) for p in plans],
-        relative_error={c: [r.relative_error.get(c) for r in results] for c in config.components},
+        relative_error={c: [errors.get(c) for errors in relative_errors] for c in config.components},
         note=f"ρ={1 - params_after / params_before:.3f} " + (
             f"qk={first.qk} vo={first.vo} ff={first.ff}" if uniform else _ranges(plans)
         ),

@@ -15,6 +15,7 @@ Which model the inputs come from (as the stage found it, or as already compresse
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,9 @@ from torch import Tensor
 
 from a3q.arch import layer_linears
 from a3q.graph import ModelGraph
+
+
+_MOMENTS = ("g_q", "g_k", "g_v", "g_o", "mlp_x2")
 
 
 @dataclass
@@ -38,6 +42,20 @@ class LayerStatistics:
 
     def add(self, name: str, value: Tensor) -> None:
         self._sums[name] = self._sums[name] + value if name in self._sums else value
+
+    def reduce(self, reduce: Callable[[Tensor], Tensor]) -> None:
+        """Sum the raw sums and the token count over every process with one ``reduce`` call (before :meth:`finish`;
+        see :meth:`~a3q.pipeline.stage.CalibratingStage.reduce_statistics`)."""
+        from a3q.distributed import reduce_together
+
+        if not self._sums and self.tokens == 0 and any(getattr(self, n) is not None for n in _MOMENTS):
+            raise RuntimeError("LayerStatistics.reduce after finish(): reduce the sums, never the averages")
+        names = sorted(self._sums)
+        device = self._sums[names[0]].device if names else None
+        count = torch.tensor([float(self.tokens)], dtype=torch.float64, device=device)
+        *sums, tokens = reduce_together([self._sums[name] for name in names] + [count], reduce)
+        self._sums = dict(zip(names, sums))
+        self.tokens = int(round(float(tokens.item())))
 
     def finish(self) -> None:
         for name, total in self._sums.items():

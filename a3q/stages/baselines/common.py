@@ -77,6 +77,29 @@ class InputStatistics:
             square = flat.T @ flat
             self.second_moment = square if self.second_moment is None else self.second_moment + square
 
+    @staticmethod
+    def reduce_all(statistics: list[InputStatistics], reduce: Callable[[Tensor], Tensor]) -> None:
+        """Sum the raw sums (``mean_abs``/``second_moment`` before :meth:`finish`) and token counts of
+        ``statistics`` over every process in ONE ``reduce`` call."""
+        from a3q.distributed import reduce_together
+
+        if not statistics:
+            return
+        parts = [stats.mean_abs for stats in statistics] + [stats.second_moment for stats in statistics
+                                                             if stats.second_moment is not None]
+        if any(part is None for part in parts):
+            raise RuntimeError("InputStatistics.reduce_all: a statistic saw no input (every process needs windows)")
+        counts = torch.tensor([float(stats.tokens) for stats in statistics], dtype=torch.float64,
+                              device=parts[0].device)
+        *sums, tokens = reduce_together(parts + [counts], reduce)
+        for stats in statistics:
+            stats.mean_abs = sums.pop(0)
+        for stats in statistics:
+            if stats.second_moment is not None:
+                stats.second_moment = sums.pop(0)
+        for stats, count in zip(statistics, tokens.tolist()):
+            stats.tokens = int(round(count))
+
     def finish(self) -> None:
         self.mean_abs = self.mean_abs / max(self.tokens, 1)
         if self.second_moment is not None:
@@ -187,6 +210,7 @@ class BaselineStage(CalibratingStage):
     #: the statistics the factorisation reads: None (no data), ``mean_abs`` or ``second_moment``
     needs: str | None = None
     statistics = "dense"
+    resizes_layers = True
 
     def __init__(self, config: BaselineConfig) -> None:
         super().__init__()
@@ -210,6 +234,11 @@ class BaselineStage(CalibratingStage):
     def observe(self, graph: ModelGraph, index: int) -> list:
         self.layer_statistics[index] = {}
         return register_input_hooks(graph, index, self.layer_statistics[index], self.needs == "second_moment")
+
+    def reduce_statistics(self, index: int, reduce) -> None:
+        """The layer's input sums and token counts (each shared input once), summed over every process at once."""
+        unique = {id(stats): stats for stats in self.layer_statistics[index].values()}
+        InputStatistics.reduce_all(list(unique.values()), reduce)
 
     def process(self, graph: ModelGraph, index: int) -> None:
         statistics = self.layer_statistics.pop(index)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from a3q.calib.corpus import CORPORA, SPLITS
+from a3q.calib.sources import TextDemand, TextSource
 from a3q.registry import MAX_SEED, StageConfig
 
 #: a3q's short names of a decoder layer's linears (see :data:`a3q.arch.LINEAR_PATHS`)
@@ -48,8 +49,9 @@ class LoraConfig(StageConfig):
             raise ValueError("each linear may appear once")
         return names
 
-    def text_demands(self, label: str) -> list[tuple[str, str, str, int, int]]:
-        return [(f"{label}: seq_len", self.corpus, self.split, 1, self.seq_len)]  # the pool is reused when short
+    def text_demands(self, label: str) -> list[TextDemand]:
+        source = TextSource(corpus=self.corpus, split=self.split)
+        return [TextDemand(f"{label}: seq_len", source, 1, self.seq_len)]  # the pool is reused when short
 
     def keeps_adapter(self) -> bool:
         return not self.merge

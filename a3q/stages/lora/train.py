@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from a3q.calib.sources import TextSource
 from a3q.calib.windows import random_windows, sequential_windows
 
 
@@ -50,8 +51,9 @@ class TrainResult:
 
 def training_windows(tokenizer, corpus: str, split: str, seq_len: int, wanted: int, seed: int) -> torch.Tensor:
     """``min(wanted, available)`` distinct windows of the split, chosen with the seed."""
-    available = sequential_windows(tokenizer, corpus, split, seq_len).shape[0]
-    return random_windows(tokenizer, corpus, split, seq_len, min(wanted, available), seed)
+    source = TextSource(corpus=corpus, split=split)
+    available = sequential_windows(tokenizer, source, seq_len).shape[0]
+    return random_windows(tokenizer, source, seq_len, min(wanted, available), seed)
 
 
 def batch_order(pool_size: int, steps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:

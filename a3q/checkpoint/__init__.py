@@ -1,0 +1,10 @@
+"""Checkpoints and clean stops for long runs (``OUT/checkpoint``; ``a3q run --resume`` / ``--restart``).
+
+* :mod:`a3q.checkpoint.store`: the folder, its manifest, atomic tensor files, recipe and model identity;
+* :mod:`a3q.checkpoint.run`: whether a run may use the folder (resume, restart), checkpoints after each stage group;
+* :mod:`a3q.checkpoint.layer_pass`: checkpoints inside a pipeline pass (after planning, every few layers) and
+  restoring one;
+* :mod:`a3q.checkpoint.layers`: a finished decoder layer as tensors plus constructor arguments (no pickle);
+* :mod:`a3q.checkpoint.state`: stage states and RNG states as JSON plus tensors;
+* :mod:`a3q.checkpoint.stops`: SIGINT/SIGTERM end a run at the next safe point.
+"""

@@ -1,0 +1,145 @@
+"""Checkpoints inside one pipeline pass: after planning and every few layers; restoring a saved pass.
+
+A :class:`PassCheckpoint` saves, after a layer: the layers finished since the last save (once each), the inputs the
+next layer will receive on each stream, every stage's state (:meth:`~a3q.pipeline.stage.CalibratingStage.state_dict`),
+the model config (per-layer sizes), the RNG states, the windows' digest and the dtype. Restoring puts all of that
+back into a model that went through the stages' ``begin`` again, so the resumed pass computes exactly what the
+uninterrupted one would have. The run-level side (which folder, which recipe, group checkpoints) is
+:mod:`a3q.checkpoint.run`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from a3q.checkpoint.layers import restore_layer, save_layer
+from a3q.checkpoint.state import join_tensors, map_tensors, rng_state, set_rng_state, split_tensors
+from a3q.checkpoint.stops import RunStopped, injected_stop
+from a3q.checkpoint.store import CheckpointError, read_tensors, write_tensors
+
+if TYPE_CHECKING:
+    from a3q.checkpoint.run import RunCheckpoint
+    from a3q.graph import ModelGraph
+    from a3q.pipeline.stage import CalibratingStage
+
+
+@dataclass
+class Resumed:
+    """Where a restored pass continues: the next layer and each stream's inputs to it."""
+
+    next_layer: int
+    hidden: dict[str, list[Tensor]]
+
+
+class PassCheckpoint:
+    """Checkpoints inside one pipeline pass (stage group ``group``); see the module docstring."""
+
+    def __init__(self, run: RunCheckpoint, group: int, label: str, saved: dict[str, Any] | None) -> None:
+        self.run, self.group, self.label, self.saved = run, group, label, saved
+        self.folder = run.folder.root / f"pass-{group:02d}"
+        self.layers: dict[str, Any] = dict(saved["layers"]) if saved else {}
+        self.since_layers, self.since = 0, time.monotonic()
+        self.windows_sha256: str | None = None
+
+    def deferring_stops(self):
+        return self.run.stops.deferred()
+
+    def restore(self, graph: ModelGraph, stages: list[CalibratingStage]) -> Resumed | None:
+        """Put the saved pass back into ``graph`` (after every stage's ``begin``) and into ``stages``."""
+        if self.saved is None:
+            return None
+        parameter = next(graph.model.parameters())
+        for what, saved, now in (("calibration windows", self.saved.get("windows_sha256"), self.windows_sha256),
+                                 ("model dtype", self.saved.get("dtype"), str(parameter.dtype))):
+            if saved is not None and saved != now:
+                raise CheckpointError(f"--resume: the {what} differ from the checkpoint's ({saved} → {now}): the "
+                                      "calibration text or the resolved dtype changed; --restart starts over")
+        config = graph.model.config
+        current = json.loads(config.to_json_string(use_diff=False))
+        for key, value in self.saved["config"].items():
+            if current.get(key) != value and _changes_mid_pass(key, current, len(graph.layers)):
+                setattr(config, key, value)
+        for index_text, record in sorted(self.layers.items(), key=lambda item: int(item[0])):
+            tensors = read_tensors(self.run.folder.root / record["file"])
+            restore_layer(graph.model, graph.family, int(index_text), record["modules"], tensors)
+        tensors = read_tensors(self.run.folder.root / self.saved["state_file"])
+        state = join_tensors(self.saved["state"], tensors)
+        to_model = lambda tensor: tensor.to(parameter.device)  # noqa: E731  (files load onto the CPU)
+        for stage, stage_state in zip(stages, state["stages"]):
+            stage.load_state_dict(map_tensors(stage_state, to_model))
+        set_rng_state(state["rng"])
+        return Resumed(next_layer=self.saved["next_layer"], hidden=map_tensors(state["hidden"], to_model))
+
+    def bind(self, windows: Tensor) -> None:
+        """The pass's calibration windows: a resume must see the same ones (the text may have changed)."""
+        self.windows_sha256 = hashlib.sha256(windows.cpu().to(torch.int64).numpy().tobytes()).hexdigest()
+
+    def after_plan(self, graph: ModelGraph, stages: list[CalibratingStage], hidden: dict[str, list[Tensor]]) -> None:
+        """After planning stages planned (before layer 0): their plans are costly to repeat."""
+        injected_stop(f"group{self.group}.plan", after_checkpoint=False)
+        if self.run.enabled:
+            self._save(graph, -1, stages, hidden)
+        injected_stop(f"group{self.group}.plan", after_checkpoint=True)
+        self._stop_if_asked(-1)
+
+    def after_layer(self, graph: ModelGraph, index: int, stages: list[CalibratingStage],
+                    hidden: dict[str, list[Tensor]]) -> None:
+        """After layer ``index`` is finished by every stage: checkpoint when due (or when a stop was asked)."""
+        point = f"group{self.group}.layer{index}"
+        injected_stop(point, after_checkpoint=False)
+        self.since_layers += 1
+        recipe = self.run.recipe
+        due = (recipe.checkpoint_every > 0 and self.since_layers >= recipe.checkpoint_every) or (
+            recipe.checkpoint_minutes is not None and time.monotonic() - self.since >= 60 * recipe.checkpoint_minutes)
+        if self.run.enabled and (due or self.run.stops.requested):
+            self._save(graph, index, stages, hidden)
+            injected_stop(point, after_checkpoint=True)
+        self._stop_if_asked(index)
+
+    def _stop_if_asked(self, index: int) -> None:
+        name = self.run.stops.requested
+        if name is None:
+            return
+        where = "after planning" if index < 0 else f"after layer {index}"
+        saved = f"; checkpoint in '{self.run.folder.root}'" if self.run.enabled else " (checkpoints are off)"
+        raise RunStopped(name, f"stopped by {name} {where} of {self.label}{saved}")
+
+    def _save(self, graph: ModelGraph, index: int, stages: list[CalibratingStage],
+              hidden: dict[str, list[Tensor]]) -> None:
+        started = time.perf_counter()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.run.folder.create()
+        for layer in range(len(self.layers), index + 1):
+            modules, tensors = save_layer(graph.model, graph.family, layer)
+            name = f"{self.folder.name}/layer-{layer:05d}.safetensors"
+            self.run.bytes_written += write_tensors(self.run.folder.root / name, tensors)
+            self.layers[str(layer)] = {"file": name, "modules": modules}
+        tensors: dict[str, Tensor] = {}
+        state = split_tensors({"hidden": hidden, "stages": [stage.state_dict() for stage in stages],
+                               "rng": rng_state()}, tensors)
+        state_file = f"{self.folder.name}/state-{index + 1:05d}.safetensors"
+        self.run.bytes_written += write_tensors(self.run.folder.root / state_file, tensors)
+        previous = self.saved["state_file"] if self.saved else None
+        self.saved = {"group": self.group, "next_layer": index + 1, "layers": self.layers, "state_file": state_file,
+                      "windows_sha256": self.windows_sha256, "dtype": str(next(graph.model.parameters()).dtype),
+                      "state": state, "config": json.loads(graph.model.config.to_json_string(use_diff=False))}
+        position = "after planning" if index < 0 else f"after layer {index}"
+        self.run.commit(**{"pass": self.saved, "position": f"{position} of {self.label}"})
+        if previous and previous != state_file:
+            (self.run.folder.root / previous).unlink(missing_ok=True)
+        self.since_layers, self.since = 0, time.monotonic()
+        self.run.seconds += time.perf_counter() - started
+
+
+def _changes_mid_pass(key: str, config: dict[str, Any], layers: int) -> bool:
+    """Whether a stage may have changed config ``key`` inside a pass: per-layer lists (sizes) and a3q's own records
+    (``a3q_factorized``). Nothing else is taken from a checkpoint's config."""
+    value = config.get(key)
+    return key.startswith("a3q_") or (isinstance(value, list) and len(value) == layers)

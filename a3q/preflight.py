@@ -1,0 +1,249 @@
+"""Memory preflight: estimate a run's peak memory from files and the recipe, before anything loads.
+
+The estimate reads config.json and the safetensors headers (tensor shapes and dtypes, never tensor data) and the
+recipe's fields. Its components, in bytes (a rough upper bound of the peak, not a sum of everything ever allocated):
+
+* ``runtime``: the Python process with torch and transformers imported (measured: about 380 MiB);
+* ``weights``: every tensor of the checkpoint in the run's dtype (integer tensors, GPTQ codes, as stored);
+* ``weights_file_pages``: when the run's dtype differs from the stored one, the file's pages are read while the
+  converted copy is built (both are resident at the load's peak); zero when the dtypes match (transformers then
+  keeps the memory-mapped file's tensors);
+* ``calibration_activations``: a calibration pass keeps one layer's inputs and outputs for every window:
+  ``2 × windows × seq_len × hidden × bytes``;
+* ``layer_statistics``: one layer's float64 second moments (GPTQ Hessians, a baseline's ``E[x xᵀ]``; A³'s head-space
+  statistics are smaller): ``8 × (3·hidden² + intermediate²)``;
+* ``forward_workspace``: the largest batch one stage runs (``batch_size × seq_len``): a layer's activations, the
+  attention scores, the logits and the float64 log-softmax of one window;
+* ``lora_training``: a ``lora`` stage's adapter weights, gradients and Adam state (16 bytes per trainable parameter)
+  plus the activations kept for the backward pass.
+
+On a CPU everything is host memory. On a GPU the model, activations, statistics and workspace are device memory;
+the host holds the runtime and, while loading, the checkpoint's pages. :func:`check_memory` compares the estimate with
+what is available (``psutil``, else ``/proc/meminfo``; ``torch.cuda.mem_get_info`` on a GPU) and refuses a run that
+does not fit, naming the recipe fields that would make it fit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from a3q.io.model_folder import read_header
+from a3q.io.shards import weight_files
+from a3q.placement import resolve_device, resolve_dtype
+
+#: the Python process with torch + transformers + a3q imported, measured on Linux (CPython 3.11, torch 2.13)
+RUNTIME_BYTES = 380 << 20
+#: the estimate may use at most this fraction of what is available (the OS, the page cache, fragmentation)
+HEADROOM = 0.9
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8}
+_FLOAT_TYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_GIB = 1 << 30
+
+
+def _gib(count: int | float) -> str:
+    return f"{count / _GIB:.2f} GiB"
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, int]:
+    """Element counts by safetensors dtype (``{"F32": n, "I32": m}``) over the checkpoint's weight files."""
+    counts: dict[str, int] = {}
+    for file in weight_files(folder):
+        for name, entry in read_header(file).items():
+            if name == "__metadata__" or not isinstance(entry, dict):
+                continue
+            numel = 1
+            for size in entry.get("shape", []):
+                numel *= int(size)
+            counts[entry.get("dtype", "F32")] = counts.get(entry.get("dtype", "F32"), 0) + numel
+    return counts
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    text = config.get("text_config") if isinstance(config, dict) else None
+    return {**config, **text} if isinstance(text, dict) else (config if isinstance(config, dict) else {})
+
+
+def _int(config: dict[str, Any], *keys: str, default: int = 0) -> int:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return default
+
+
+def estimate_memory(recipe: Any, folder: Path | None = None) -> dict[str, Any]:
+    """Estimate the run's peak memory: ``{"device", "dtype", "host": {component: bytes}, "device_memory": {...},
+    "host_total", "device_total"}`` (device entries only on a GPU). Reads config.json and safetensors headers."""
+    from a3q.assets.models import resolve_model_path
+
+    folder = Path(folder) if folder is not None else resolve_model_path(recipe.model, getattr(recipe, "revision", None))
+    config = _config(folder)
+    device = resolve_device(getattr(recipe, "device", "cpu"))
+    dtype = resolve_dtype(recipe.dtype, config, device)
+    width = torch.empty((), dtype=dtype).element_size()
+    hidden = _int(config, "hidden_size", "n_embd", "d_model")
+    intermediate = _int(config, "intermediate_size", "n_inner", default=4 * hidden)
+    heads = _int(config, "num_attention_heads", "n_head", default=1)
+    layers = _int(config, "num_hidden_layers", "n_layer", default=1)
+    vocab = _int(config, "vocab_size")
+
+    counts = checkpoint_tensors(folder)
+    weights = sum(n * (width if kind in _FLOAT_TYPES else _DTYPE_BYTES.get(kind, 4)) for kind, n in counts.items())
+    stored_float = {kind for kind in counts if kind in _FLOAT_TYPES}
+    same_dtype = stored_float <= {_safetensors_name(dtype)}
+    file_bytes = sum(n * _DTYPE_BYTES.get(kind, 4) for kind, n in counts.items())
+
+    calibrating = [spec for spec in recipe.stages if spec.config.needs_calibration]
+    cal = recipe.calibration
+    activations = 2 * cal.windows * cal.seq_len * hidden * width if calibrating else 0
+    statistics = 8 * (3 * hidden * hidden + intermediate * intermediate) if calibrating else 0
+    workspace = 0
+    for spec in recipe.stages:
+        batch = getattr(spec.config, "batch_size", 4) or 1
+        seq_len = getattr(spec.config, "seq_len", None) or cal.seq_len
+        tokens = batch * seq_len
+        per_layer = tokens * (4 * hidden + 3 * intermediate) * width + batch * heads * seq_len * seq_len * width
+        logits = tokens * vocab * 4 + seq_len * vocab * 8 if spec.config.measures_quality or spec.name == "lora" else 0
+        workspace = max(workspace, per_layer + logits)
+    lora = 0
+    for spec in recipe.stages:
+        if spec.name == "lora":
+            rank = spec.config.r
+            per_layer = rank * (hidden + hidden + hidden + intermediate) * 3 + rank * (hidden + intermediate) * 4
+            trainable = per_layer * layers
+            kept = spec.config.batch_size * spec.config.seq_len * layers * (6 * hidden + 3 * intermediate) * width
+            if spec.config.gradient_checkpointing:
+                kept = spec.config.batch_size * spec.config.seq_len * layers * hidden * width
+            lora = max(lora, 16 * trainable + kept)
+
+    model_side = {"weights": weights, "calibration_activations": activations, "layer_statistics": statistics,
+                  "forward_workspace": workspace, "lora_training": lora}
+    from a3q.placement import dtype_name
+
+    estimate: dict[str, Any] = {"device": str(device), "dtype": dtype_name(dtype)}
+    if device.type == "cpu":
+        host = {"runtime": RUNTIME_BYTES, **model_side, "weights_file_pages": 0 if same_dtype else file_bytes}
+        estimate["host"] = host
+    else:
+        estimate["host"] = {"runtime": RUNTIME_BYTES, "weights_file_pages": file_bytes}
+        estimate["device_memory"] = model_side
+        estimate["device_total"] = sum(model_side.values())
+    estimate["host_total"] = sum(estimate["host"].values())
+    return estimate
+
+
+def _safetensors_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}.get(dtype, "")
+
+
+def available_host_memory() -> int | None:
+    """Bytes the system can give this process now (psutil's ``available``, else MemAvailable), or None."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 (psutil missing or unusable: fall back to /proc)
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def available_device_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device (``torch.cuda.mem_get_info``), or None."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _advice(recipe: Any, estimate: dict[str, Any], parts: dict[str, int]) -> list[str]:
+    """Recipe fields that would shrink the largest components."""
+    advice = []
+    if estimate["dtype"] == "float32":
+        advice.append("dtype: bfloat16 (halves weights and activations)")
+    if parts.get("calibration_activations"):
+        cal = recipe.calibration
+        advice.append(f"fewer calibration.windows (now {cal.windows}; activations take "
+                      f"{_gib(parts['calibration_activations'])}) or a shorter calibration.seq_len (now {cal.seq_len})")
+    if parts.get("forward_workspace") or parts.get("lora_training"):
+        advice.append("a smaller batch_size on the evaluating/calibrating stages"
+                      + (", gradient_checkpointing: true on lora" if parts.get("lora_training") else ""))
+    if estimate["device"] == "cpu" and torch.cuda.is_available():
+        advice.append("device: cuda")
+    advice.append("offloading layers to disk is not yet available")
+    return advice
+
+
+def check_memory(recipe: Any, folder: Path | None = None, estimate: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Estimate the run's memory and refuse it (:class:`~a3q.recipe.RecipeError`) when it cannot fit.
+
+    Returns the estimate (for the report), with ``available_host`` / ``available_device`` in bytes when known.
+    """
+    from a3q.recipe import RecipeError
+
+    estimate = estimate or estimate_memory(recipe, folder)
+    problems = []
+    host = available_host_memory()
+    estimate["available_host"] = host
+    if host is not None and estimate["host_total"] > HEADROOM * host:
+        problems.append(_refusal("host memory", estimate["host_total"], host, estimate["host"], recipe, estimate))
+    if "device_memory" in estimate:
+        free = available_device_memory(torch.device(estimate["device"]))
+        estimate["available_device"] = free
+        if free is not None and estimate["device_total"] > HEADROOM * free:
+            problems.append(_refusal(f"memory on {estimate['device']}", estimate["device_total"], free,
+                                     estimate["device_memory"], recipe, estimate))
+    if problems:
+        raise RecipeError(problems)
+    return estimate
+
+
+def _refusal(what: str, needed: int, available: int, parts: dict[str, int], recipe: Any,
+             estimate: dict[str, Any]) -> str:
+    largest = sorted(((value, key) for key, value in parts.items() if value), reverse=True)[:3]
+    breakdown = ", ".join(f"{key} {_gib(value)}" for value, key in largest)
+    return (f"memory: the run needs about {_gib(needed)} of {what} ({breakdown}; dtype {estimate['dtype']}) but "
+            f"{_gib(available)} is available; to fit, try: " + "; ".join(_advice(recipe, estimate, parts)))
+
+
+def preflight(recipe: Any, context: dict[str, Any] | None = None) -> list[str]:
+    """The engine's check before loading: ``[]`` when the run fits, else the refusal (one problem per memory).
+
+    Records the resolved ``device`` and ``dtype`` and the estimate (``memory_estimate``, bytes) in ``context`` (the
+    report's). An estimate that cannot be made (an unreadable header: loading will say why) refuses nothing.
+    """
+    from a3q.recipe import RecipeError
+
+    from a3q.assets.models import HubModelError
+
+    context = context if context is not None else {}
+    try:
+        estimate = estimate_memory(recipe)
+    except HubModelError as exc:
+        return [f"model: {exc}"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        context["memory_estimate"] = {"error": f"{type(exc).__name__}: {exc}"}
+        return []
+    context.update(device=estimate["device"], dtype=estimate["dtype"], memory_estimate=estimate)
+    try:
+        check_memory(recipe, estimate=estimate)
+    except RecipeError as exc:
+        return list(exc.problems)
+    return []
