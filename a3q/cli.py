@@ -129,6 +129,8 @@ def evaluate(
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="evaluate at most this many windows"),
     dtype: str = typer.Option("auto", help="auto (the checkpoint's on a GPU, float32 on a CPU), float32, bfloat16 or float16"),
     device: str = typer.Option("auto", help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N"),
+    offload: str = typer.Option("none", help="none, or cpu: keep the decoder layers in the files and score "
+                                "layer by layer (for a model bigger than memory; see docs/offload.md)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="also write the result as JSON here"),
 ) -> None:
     """Perplexity of MODEL on a corpus split or your own text (non-overlapping windows, every token predicted)."""
@@ -148,15 +150,20 @@ def evaluate(
     except ValidationError as exc:
         _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'source'}: {e['msg'].removeprefix('Value error, ')}"
                         for e in exc.errors()))
+    if offload not in ("none", "cpu"):
+        _fail(f"--offload: '{offload}' is not one of none, cpu (evaluation changes no layer, so nothing is written)")
     try:
-        graph = load_graph(model, dtype, device=device)
+        graph = load_graph(model, dtype, device=device, offload=offload)
     except _user_errors() as exc:
         _fail(str(exc))
     try:
         windows = sequential_windows(graph.tokenizer, source, seq_len, max_windows)
     except ValueError as exc:
         _fail(str(exc))
-    result = perplexity(graph.model, windows)
+    from a3q.metrics.layerwise import layerwise_window_nll
+
+    result = perplexity(graph.model, windows, layerwise=None if graph.offload is None else
+                        lambda share: layerwise_window_nll(graph, share, batch_size=4))
     payload = {
         "model": model,
         **source.summary(),

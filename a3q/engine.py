@@ -163,11 +163,13 @@ def _run_recipe(recipe: Recipe, output_dir: str | Path | None, console: Console 
                 console.log(f"loading model '{recipe.model}' ({report.context.get('dtype', recipe.dtype)} on "
                             f"{report.context.get('device', recipe.device)})" if saved_model is None else
                             f"resuming {checkpoint.resumed_from}: loading the checkpointed model '{saved_model}'")
+                offload = {"offload": report.context.get("offload", "none"), "offload_near": out}
                 if saved_model is None:
                     graph = load_graph(recipe.model, recipe.dtype, device=distributed.rank_device(recipe.device),
-                                       revision=recipe.revision)
+                                       revision=recipe.revision, **offload)
                 else:
-                    graph = load_graph(saved_model, checkpoint.model_dtype() or recipe.dtype, device=recipe.device)
+                    graph = load_graph(saved_model, checkpoint.model_dtype() or recipe.dtype,
+                                       device=distributed.rank_device(recipe.device), **offload)
                     graph.source = recipe.model
                 if checkpoint.history() is not None:  # stages that left no model copy are in it too
                     graph.history = checkpoint.history()

@@ -105,6 +105,8 @@ class ModelGraph:
     kv_cache: dict[str, Any] | None = None
     #: an unmerged LoRA adapter: the PeftModel whose causal LM is ``model`` (see :mod:`a3q.stages.lora`)
     adapter: Any = None
+    #: decoder layers kept on disk or in host memory and materialized one at a time (:class:`a3q.offload.OffloadedLayers`)
+    offload: Any = None
 
     @property
     def kv_cache_bits(self) -> int | None:

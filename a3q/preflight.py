@@ -26,6 +26,7 @@ does not fit, naming the recipe fields that would make it fit.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,8 @@ def _gib(count: int | float) -> str:
     return f"{count / _GIB:.2f} GiB"
 
 
-def checkpoint_tensors(folder: Path) -> dict[str, int]:
-    """Element counts by safetensors dtype (``{"F32": n, "I32": m}``) over the checkpoint's weight files."""
-    counts: dict[str, int] = {}
+def _tensor_entries(folder: Path):
+    """``(name, safetensors dtype, element count)`` of every tensor in the checkpoint's weight files (headers only)."""
     for file in weight_files(folder):
         for name, entry in read_header(file).items():
             if name == "__metadata__" or not isinstance(entry, dict):
@@ -59,7 +59,14 @@ def checkpoint_tensors(folder: Path) -> dict[str, int]:
             numel = 1
             for size in entry.get("shape", []):
                 numel *= int(size)
-            counts[entry.get("dtype", "F32")] = counts.get(entry.get("dtype", "F32"), 0) + numel
+            yield name, entry.get("dtype", "F32"), numel
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, int]:
+    """Element counts by safetensors dtype (``{"F32": n, "I32": m}``) over the checkpoint's weight files."""
+    counts: dict[str, int] = {}
+    for _, kind, numel in _tensor_entries(folder):
+        counts[kind] = counts.get(kind, 0) + numel
     return counts
 
 
@@ -80,9 +87,32 @@ def _int(config: dict[str, Any], *keys: str, default: int = 0) -> int:
     return default
 
 
-def estimate_memory(recipe: Any, folder: Path | None = None) -> dict[str, Any]:
-    """Estimate the run's peak memory: ``{"device", "dtype", "host": {component: bytes}, "device_memory": {...},
-    "host_total", "device_total"}`` (device entries only on a GPU). Reads config.json and safetensors headers."""
+def layer_bytes(folder: Path, width: int) -> tuple[int, int, int]:
+    """``(outside, largest_layer, largest_layer_file)``: bytes of the tensors outside the decoder layers and of the
+    largest decoder layer in the run's float width (integer tensors as stored), and that layer's bytes on disk."""
+    outside, layers, files = 0, {}, {}
+    for name, kind, numel in _tensor_entries(folder):
+        stored = numel * _DTYPE_BYTES.get(kind, 4)
+        working = numel * (width if kind in _FLOAT_TYPES else _DTYPE_BYTES.get(kind, 4))
+        match = _LAYER_NAME.search(name)
+        if match is None:
+            outside += working
+        else:
+            layers[match.group(1)] = layers.get(match.group(1), 0) + working
+            files[match.group(1)] = files.get(match.group(1), 0) + stored
+    largest = max(layers, key=layers.get) if layers else None
+    return outside, layers.get(largest, 0), files.get(largest, 0)
+
+
+_LAYER_NAME = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+
+
+def estimate_memory(recipe: Any, folder: Path | None = None, offload: str | None = None) -> dict[str, Any]:
+    """Estimate the run's peak memory: ``{"device", "dtype", "offload", "host": {component: bytes},
+    "device_memory": {...}, "host_total", "device_total"}`` (device entries only on a GPU). Reads config.json and
+    safetensors headers. ``offload`` (default: the recipe's, ``auto`` counting as ``none``): with ``cpu``/``disk``
+    the weights are the non-layer tensors plus the largest layer twice (the layer held and, while a stage rebuilds
+    it, its replacement) and that layer's file pages; ``cpu`` keeps the changed layers in host memory."""
     from a3q.assets.models import resolve_model_path
 
     folder = Path(folder) if folder is not None else resolve_model_path(recipe.model, getattr(recipe, "revision", None))
@@ -97,7 +127,8 @@ def estimate_memory(recipe: Any, folder: Path | None = None) -> dict[str, Any]:
     vocab = _int(config, "vocab_size")
 
     counts = checkpoint_tensors(folder)
-    weights = sum(n * (width if kind in _FLOAT_TYPES else _DTYPE_BYTES.get(kind, 4)) for kind, n in counts.items())
+    weights = weights_in_dtype = sum(n * (width if kind in _FLOAT_TYPES else _DTYPE_BYTES.get(kind, 4))
+                                     for kind, n in counts.items())
     stored_float = {kind for kind in counts if kind in _FLOAT_TYPES}
     same_dtype = stored_float <= {_safetensors_name(dtype)}
     file_bytes = sum(n * _DTYPE_BYTES.get(kind, 4) for kind, n in counts.items())
@@ -125,16 +156,25 @@ def estimate_memory(recipe: Any, folder: Path | None = None) -> dict[str, Any]:
                 kept = spec.config.batch_size * spec.config.seq_len * layers * hidden * width
             lora = max(lora, 16 * trainable + kept)
 
+    mode = offload or getattr(recipe, "offload", "none")
+    mode = "none" if mode == "auto" else mode
+    file_pages = 0 if same_dtype else file_bytes
+    store = 0
+    if mode in ("cpu", "disk"):
+        outside, largest, largest_file = layer_bytes(folder, width)
+        weights, file_pages = outside + 2 * largest, largest_file
+        store = weights_in_dtype if mode == "cpu" else 0  # the changed layers, at most the whole model
     model_side = {"weights": weights, "calibration_activations": activations, "layer_statistics": statistics,
                   "forward_workspace": workspace, "lora_training": lora}
     from a3q.placement import dtype_name
 
-    estimate: dict[str, Any] = {"device": str(device), "dtype": dtype_name(dtype)}
+    estimate: dict[str, Any] = {"device": str(device), "dtype": dtype_name(dtype), "offload": mode}
     if device.type == "cpu":
-        host = {"runtime": RUNTIME_BYTES, **model_side, "weights_file_pages": 0 if same_dtype else file_bytes}
+        host = {"runtime": RUNTIME_BYTES, **model_side, "weights_file_pages": file_pages, "offload_store": store}
         estimate["host"] = host
     else:
-        estimate["host"] = {"runtime": RUNTIME_BYTES, "weights_file_pages": file_bytes}
+        pages = file_bytes if mode == "none" else file_pages
+        estimate["host"] = {"runtime": RUNTIME_BYTES, "weights_file_pages": pages, "offload_store": store}
         estimate["device_memory"] = model_side
         estimate["device_total"] = sum(model_side.values())
     estimate["host_total"] = sum(estimate["host"].values())
@@ -187,7 +227,8 @@ def _advice(recipe: Any, estimate: dict[str, Any], parts: dict[str, int]) -> lis
                       + (", gradient_checkpointing: true on lora" if parts.get("lora_training") else ""))
     if estimate["device"] == "cpu" and torch.cuda.is_available():
         advice.append("device: cuda")
-    advice.append("offloading layers to disk is not yet available")
+    if estimate.get("offload") == "none":
+        advice.append("offload: disk (decoder layers loaded one at a time)")
     return advice
 
 
@@ -229,11 +270,12 @@ def preflight(recipe: Any, context: dict[str, Any] | None = None) -> list[str]:
     Records the resolved ``device`` and ``dtype`` and the estimate (``memory_estimate``, bytes) in ``context`` (the
     report's). An estimate that cannot be made (an unreadable header: loading will say why) refuses nothing.
     """
-    from a3q.recipe import RecipeError
-
     from a3q.assets.models import HubModelError
+    from a3q.recipe import RecipeError, offload_problems
 
     context = context if context is not None else {}
+    requested = getattr(recipe, "offload", "none")
+    context["offload"] = "none" if requested == "auto" else requested
     try:
         estimate = estimate_memory(recipe)
     except HubModelError as exc:
@@ -244,6 +286,21 @@ def preflight(recipe: Any, context: dict[str, Any] | None = None) -> list[str]:
     context.update(device=estimate["device"], dtype=estimate["dtype"], memory_estimate=estimate)
     try:
         check_memory(recipe, estimate=estimate)
+        return []
     except RecipeError as exc:
-        return list(exc.problems)
-    return []
+        problems = list(exc.problems)
+    if requested != "auto":
+        return problems
+    # offload: auto: the model does not fit whole; try host memory for a GPU run's layers, then the disk
+    for mode in (("cpu", "disk") if estimate["device"] != "cpu" else ("disk",)):
+        blocked = offload_problems(recipe.stages, mode)
+        if blocked:
+            return problems + [f"offload: auto would offload the layers, but {blocked[0]}"]
+        offloaded = estimate_memory(recipe, offload=mode)
+        try:
+            check_memory(recipe, estimate=offloaded)
+        except RecipeError:
+            continue
+        context.update(offload=mode, memory_estimate=offloaded)
+        return []
+    return problems

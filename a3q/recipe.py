@@ -73,6 +73,9 @@ class _RecipeHeader(BaseModel):
     calibration: CalibrationConfig = CalibrationConfig()
     stages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_STAGES)
     output: str | None = Field(None, min_length=1, max_length=4096)
+    #: keep decoder layers on ``disk`` or in host memory (``cpu``) and load one at a time; ``auto``: only when the
+    #: memory preflight says the model does not fit (see a3q.offload)
+    offload: Literal["none", "cpu", "disk", "auto"] = "auto"
     #: checkpoint the layer-by-layer pass after every this many layers (0: only by time, or not at all)
     checkpoint_every: int = Field(1, ge=0, le=1_000_000)
     #: also checkpoint when this many minutes passed since the last checkpoint
@@ -124,6 +127,7 @@ class Recipe(BaseModel):
     revision: str | None = None
     checkpoint_every: int = 1
     checkpoint_minutes: float | None = None
+    offload: Literal["none", "cpu", "disk", "auto"] = "auto"
 
     def needs_calibration(self) -> bool:
         return any(spec.config.needs_calibration for spec in self.stages)
@@ -185,6 +189,12 @@ def _check_order(stages: list[StageSpec]) -> list[str]:
     return problems
 
 
+def offload_problems(stages: list[StageSpec], mode: str) -> list[str]:
+    """One problem per stage that cannot run with decoder layers offloaded (``offload: mode``)."""
+    return [f"{spec.label}: cannot run with offload: {mode} ({reason})" for spec in stages
+            if (reason := spec.config.offload_problem())]
+
+
 def parse_recipe(raw: Any, check_model: bool = True) -> Recipe:
     """Validate a recipe given as a dict; raise :class:`RecipeError` listing every problem."""
     if not isinstance(raw, dict):
@@ -217,6 +227,8 @@ def parse_recipe(raw: Any, check_model: bool = True) -> Recipe:
         reason = device_problem(header.device)
         if reason:
             problems.append(f"device: {reason}")
+    if header is not None and header.offload in ("cpu", "disk"):
+        problems.extend(offload_problems(stages, header.offload))
     if problems or header is None:
         raise RecipeError(problems)
     return Recipe(
@@ -230,6 +242,7 @@ def parse_recipe(raw: Any, check_model: bool = True) -> Recipe:
         revision=header.revision,
         checkpoint_every=header.checkpoint_every,
         checkpoint_minutes=header.checkpoint_minutes,
+        offload=header.offload,
     )
 
 

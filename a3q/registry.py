@@ -44,6 +44,14 @@ class StageConfig(BaseModel):
     #: whether this stage may change the model (False: it only measures or writes it; no checkpoint after it)
     changes_model: ClassVar[bool] = True
 
+    def offload_problem(self) -> str | None:
+        """Why this stage cannot run on an offloaded model (decoder layers materialized one at a time), or None.
+
+        Stages that work through the calibration pipeline, and evaluate/export/reload, hold one layer at a time;
+        a stage that needs the whole model in memory at once (training, whole-model conversion) says so here.
+        """
+        return None
+
     def changes_kv_ranks(self) -> bool:
         """Whether this stage shrinks the q/k or v/o head dims (what the KV cache stores)."""
         return False

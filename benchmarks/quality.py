@@ -1,7 +1,10 @@
-"""Quality at equal size on the real SmolLM2-135M: A³ (uniform and global ranks) against the low-rank
-baselines people already use (plain SVD, ASVD, SVD-LLM), at the same fraction of decoder linear weights removed.
+"""Quality at equal size on a real model (SmolLM2-135M, or ``--model gemma3-270m``): A³ (uniform and global ranks)
+against the low-rank baselines people already use (plain SVD, ASVD, SVD-LLM), at the same fraction of decoder
+linear weights removed.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py --json out/bench/quality.json
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py --model gemma3-270m --methods dense a3 svd_llm \
+        --calib-windows 16 --eval-windows 8 --json out/bench/quality-gemma3.json
     # a subset, then one table from several result files:
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py --methods svd asvd --json out/bench/a.json
     .venv/bin/python benchmarks/quality.py --table out/bench/a.json out/bench/b.json
@@ -16,6 +19,11 @@ predicted tokens). ``params`` counts decoder linear weights only (embeddings and
 linear counts both factors); KV bytes per token are for an fp32 cache. ``seconds`` is the method's own time
 (statistics not shared with other rows + decomposition + for A³ global the sensitivity probes), not evaluation.
 A perplexity that overflows (or a non-finite loss) is printed as "diverged".
+
+Families with per-head q/k norms (Gemma 3, Qwen3): ``a3`` gives one row per ``--qk-norm`` mode
+(:mod:`a3q.stages.a3.qk_norm`). ``keep`` leaves QK whole, so at equal size it removes more of OV and MLP: their
+ratio is raised to ``target × all / (OV + MLP)`` weights so the achieved ratio is the target's. ``a3_global`` is not
+available there (the stage refuses it).
 """
 
 from __future__ import annotations
@@ -38,7 +46,9 @@ ALL = ("qk", "ov", "mlp")
 METHODS = ("dense", "svd", "asvd", "svd_llm", "a3", "a3_sequential", "a3_global", "ablations")
 LABELS = {"dense": "dense", "svd": "SVD", "asvd": "ASVD (α=0.5)", "svd_llm": "SVD-LLM (whitening)",
           "a3": "A³ uniform", "a3_sequential": "A³ uniform, sequential statistics", "a3_global": "A³ global",
-          "ablations": "A³ ablation"}
+          "ablations": "A³ ablation", "a3_keep": "A³ uniform, qk_norm: keep",
+          "a3_pre_norm": "A³ uniform, qk_norm: pre_norm", "a3_post_norm": "A³ uniform, qk_norm: post_norm"}
+ROW_ORDER = METHODS[:5] + ("a3_keep", "a3_pre_norm", "a3_post_norm") + METHODS[5:]
 # "ablations": A³ with one component at 10%, and at 20% with ranks rounded to multiples of 8 / 32
 ABLATIONS = [(f"{c} only", {c: 0.1}, 0.1, 1) for c in ALL] + [(f"ranks ×{m}", {c: 0.2 for c in ALL}, 0.2, m) for m in (8, 32)]
 
@@ -97,6 +107,11 @@ def a3_rows(dense, calib, test, ratios, methods, args, emit) -> None:
                      f"{label}: q/k {plans[0].qk}, v/o {plans[0].vo}, ff {plans[0].ff}"))
             del compressed
     sensitivity: dict = {}  # with --probe-ratio: one set of probes serves every ratio
+    if qk_normed(graph):
+        for ratio in ratios:
+            if "a3" in methods:
+                qk_norm_rows(graph, stats, stats_seconds, dense, test, ratio, args.qk_norm, emit)
+        methods = [m for m in methods if m not in ("a3", "a3_global")]
     for ratio in ratios:
         if "a3_sequential" in methods:  # through the stage itself: each layer's statistics after the ones before
             import copy
@@ -140,6 +155,36 @@ def a3_rows(dense, calib, test, ratios, methods, args, emit) -> None:
             del compressed
 
 
+def qk_normed(graph) -> bool:
+    from a3q.arch import FAMILIES
+
+    return FAMILIES[graph.family].qk_norm_paths is not None
+
+
+def qk_norm_rows(graph, stats, stats_seconds, dense, test, ratio, modes, emit) -> None:
+    """A³ uniform at ``ratio`` once per q/k-norm mode; ``keep`` takes QK's share of the budget from OV and MLP."""
+    from a3q.stages.a3.apply import compress_model
+    from a3q.stages.a3.ranks import plan_ranks
+
+    for mode in modes:
+        started = time.perf_counter()
+        if mode == "keep":
+            shapes = graph.layers[0].linear_shapes(graph.hidden_size)
+            every = sum(i * o for i, o in shapes.values())
+            qk = sum(i * o for name, (i, o) in shapes.items() if name in ("q", "k"))
+            raised = ratio * every / (every - qk)
+            plans = plan_ranks(graph.layers, {"qk": None, "ov": raised, "mlp": raised}, {}, 1, rope=True)
+            components = frozenset({"ov", "mlp"})
+        else:
+            plans = plan_ranks(graph.layers, {c: ratio for c in ALL}, {}, 1, rope=True)
+            components = frozenset(ALL)
+        compressed, _ = compress_model(graph, stats, plans, 1e-6, components, progress=False, qk_norm=mode)
+        emit(row(f"a3_{mode}", ratio, dense, compressed, safe_perplexity(compressed.model, test),
+                 time.perf_counter() - started + stats_seconds,
+                 f"q/k {plans[0].qk}, v/o {plans[0].vo}, ff {plans[0].ff}"))
+        del compressed
+
+
 def row(method, target, dense, graph, ppl, seconds, note) -> dict:
     params = graph.decoder_linear_params()
     return dict(method=method, target=target, ratio=1 - params / dense.decoder_linear_params(), ppl=ppl,
@@ -155,10 +200,10 @@ def format_ppl(ppl: float) -> str:
 def print_table(results: list[dict]) -> None:
     rows = [r for result in results for r in result["rows"]]
     dense = next(r for r in rows if r["method"] == "dense")
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate(ROW_ORDER)}
     rows.sort(key=lambda r: (r["method"] == "ablations", r["target"], order[r["method"]]))
     first = results[0]
-    table = Table(title=f"SmolLM2-135M, enwiki/test {first['eval_windows']}×{first['seq_len']}, "
+    table = Table(title=f"{first.get('model', 'smollm2-135m')}, enwiki/test {first['eval_windows']}×{first['seq_len']}, "
                   f"calibration {first['calib_windows']}×{first['seq_len']} enwiki/calib")
     for column in ["target", "method", "achieved ratio", "ppl", "× dense", "params (M)", "KV B/token", "seconds", "ranks"]:
         table.add_column(column, justify="left" if column in ("method", "ranks") else "right")
@@ -170,12 +215,15 @@ def print_table(results: list[dict]) -> None:
     console = Console(width=200)
     console.print(table)
     for result in results:
-        measured = sorted({r["method"] for r in result["rows"]}, key=METHODS.index)
+        measured = sorted({r["method"] for r in result["rows"]}, key=ROW_ORDER.index)
         console.print(f"{', '.join(measured)}: {machine_line(result['machine'])}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="model alias, folder or Hub id")
+    parser.add_argument("--qk-norm", nargs="+", choices=("keep", "pre_norm", "post_norm"),
+                        default=["keep", "pre_norm", "post_norm"], help="q/k-norm families: the modes to measure")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--calib-windows", type=int, default=32)
@@ -206,10 +254,10 @@ def main() -> None:
 
     console = Console(stderr=True)
     info = machine_info("cpu")
-    dense = load_graph("smollm2-135m")
+    dense = load_graph(args.model)
     calib = random_windows(dense.tokenizer, enwiki("calib"), args.seq_len, args.calib_windows, seed=0)
     test = sequential_windows(dense.tokenizer, enwiki("test"), args.seq_len, args.eval_windows)
-    result = dict(machine=info, methods=args.methods, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
+    result = dict(machine=info, model=args.model, methods=args.methods, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
                   seq_len=args.seq_len, probe=dict(windows=args.probe_windows, seq_len=args.probe_seq_len,
                                                    max_shift=args.max_shift, mix_components=args.mix_components, ratio=args.probe_ratio), rows=[])
 
@@ -222,7 +270,9 @@ def main() -> None:
             args.json.write_text(json.dumps(result, indent=2, default=str))
 
     if "dense" in args.methods:
-        emit(row("dense", 0.0, dense, dense, safe_perplexity(dense.model, test), 0.0, "q/k 64, v/o 64, ff 1536"))
+        first = dense.layers[0]
+        emit(row("dense", 0.0, dense, dense, safe_perplexity(dense.model, test), 0.0,
+                 f"q/k {first.qk_head_dim}, v/o {first.vo_head_dim}, ff {first.intermediate_size}"))
     if any(m in args.methods for m in ("svd", "asvd", "svd_llm")):
         baseline_rows(dense, calib, test, args.ratios, args.methods, emit)
     if any(m in args.methods for m in ("a3", "a3_sequential", "a3_global", "ablations")):

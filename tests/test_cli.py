@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -46,6 +47,10 @@ def test_run_recipe_then_eval_and_inspect_the_artifact(tmp_path, monkeypatch):
     result = runner.invoke(app, ["eval", "artifacts/a3-20", "--seq-len", "128", "--max-windows", "2", "--json", "eval.json"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "eval.json").read_text())["perplexity"] == reloaded
+    result = runner.invoke(app, ["eval", "artifacts/a3-20", "--seq-len", "128", "--max-windows", "2", "--offload", "cpu",
+                                 "--json", "eval-offloaded.json"])  # layer by layer: the same number
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval-offloaded.json").read_text())["perplexity"] == pytest.approx(reloaded, rel=1e-9)
 
     result = runner.invoke(app, ["inspect", "artifacts/a3-20"])
     assert result.exit_code == 0, result.output

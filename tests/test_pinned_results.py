@@ -4,6 +4,9 @@ The values were measured with the code *before* the engine-owned calibration pip
 hooked whole-model forward, the baselines and KV ranks from their own passes, A³ + GPTQ in the old shared pass), so
 any redesign of how calibration runs is checked by numbers, not by eye. Protocol: calibration 8 random windows ×
 256 tokens of enwiki/calib (seed 0); evaluation the first 4 windows × 256 tokens of enwiki/test.
+
+One pin was measured again since, on purpose: A³ + GPTQ, after GPTQ's Hessian batch products moved from float32 to
+float64 (issue 13: they made the codes depend on the batching; 72.7940 before, 66.5997 after).
 """
 
 from __future__ import annotations
@@ -26,15 +29,15 @@ PINNED = {
         [("a3", {"ratio": 0.2, "allocation": "global", "max_shift": 0.1, "probe_windows": 1, "probe_seq_len": 64})],
         39.270532359361525),
     "svd_llm 20%": ([("svd_llm", {"ratio": 0.2})], 167.19186404329884),
-    "a3 20% (sequential) + gptq 4-bit g64": (  # one shared pass, as a recipe runs them
+    "a3 20% (sequential) + gptq 4-bit g64": (  # one shared pass, as a recipe runs them; float64 Hessian products
         [("a3", {"ratio": 0.2, "statistics": "sequential"}), ("gptq", {"bits": 4, "group_size": 64})],
-        72.7939572075467),
+        66.59971175549202),
     "kv_ratio 0.3 + 8-bit cache": ([("kv", {"kv_ratio": 0.3, "bits": 8})], 31.628559984519),
 }
 DENSE = 19.31252749339424
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the pins were measured with one thread; GPTQ codes flip with float summation order (A³+GPTQ: 72.79 with one thread, 67.20 with two)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the pins were measured with one thread; GPTQ codes flip with float summation order (other thread counts give other A³+GPTQ values)
 
 
 def pinned_windows(tokenizer):

@@ -44,7 +44,7 @@ def test_a_run_that_does_not_fit_is_refused_naming_the_fields(monkeypatch):
     message = str(caught.value)
     assert message.startswith("invalid recipe:\n  memory: the run needs about")
     assert "1.00 GiB is available" in message and "dtype float32" in message
-    for advice in ("dtype: bfloat16", "calibration.windows", "batch_size", "offloading layers to disk is not yet available"):
+    for advice in ("dtype: bfloat16", "calibration.windows", "batch_size", "offload: disk"):
         assert advice in message
     context = {}
     assert preflight(_recipe(), context) and context["memory_estimate"]["host_total"] > GIB

@@ -58,7 +58,7 @@ def test_missing_model_and_bad_calibration():
 
 def test_model_that_is_neither_alias_nor_folder(tmp_path):
     problems = _problems({**GOOD, "model": str(tmp_path / "nope")})
-    assert problems == [f"model: '{tmp_path / 'nope'}' is neither a known alias (smollm2-135m) nor an existing folder"]
+    assert problems == [f"model: '{tmp_path / 'nope'}' is neither a known alias (smollm2-135m, gemma3-270m) nor an existing folder"]
     (tmp_path / "empty").mkdir()
     problems = _problems({**GOOD, "model": str(tmp_path / "empty")})
     assert "no config.json" in problems[0]

@@ -1,48 +1,89 @@
 """Architecture adapters: map a Hugging Face causal LM onto a :class:`~a3q.graph.ModelGraph`.
 
-Two families cover what A³ distinguishes:
+One file per family, each a :class:`~a3q.arch.family.Family` registered with ``@register_family``:
 
-* ``llama``: RoPE attention, RMSNorm, gated MLP (Llama, Mistral, Qwen2, and a3q's compressed
-  ``a3q_llama``), MHA or GQA, optional q/k/v biases.
+* ``llama``: RoPE attention, RMSNorm, gated MLP (Llama, Mistral, Qwen2, and a3q's ``a3q_llama``), MHA or GQA,
+  optional q/k/v biases.
 * ``gpt2``: learned absolute positions (no RoPE), MHA, biases (GPT-2 and ``a3q_gpt2``).
+* ``qwen3``: Qwen3 (``qwen3``, ``a3q_qwen3``): Llama's layout plus per-head q/k RMSNorm before RoPE.
+* ``gemma3``: Gemma 3 text models (``gemma3_text``, ``a3q_gemma3``): per-head q/k RMSNorm before RoPE, sandwich
+  norms, GeGLU, sliding-window and global layers with their own RoPE bases.
+
+The module-level tables (``LINEAR_PATHS``, ``SHARED_INPUTS``, ``LAYER_PREFIX``) are views of the registered
+adapters keyed by family name, kept for the many call sites that index them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from collections.abc import Iterator, Mapping
+
+from a3q.arch.family import Family, families, register_family  # noqa: F401  (the interface, re-exported)
 from a3q.graph import LayerStructure, ModelGraph
 
-LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "a3q_llama")
-GPT2_MODEL_TYPES = ("gpt2", "a3q_gpt2")
+
+class _AdapterTable(Mapping):
+    """family name → the adapter (``attribute`` None) or one of its attributes, looked up when indexed, so the
+    adapters register on first use (:func:`a3q.arch.family.families`)."""
+
+    def __init__(self, attribute: str | None = None) -> None:
+        self.attribute = attribute
+
+    def __getitem__(self, name: str) -> Any:
+        family = families()[name]
+        return family if self.attribute is None else getattr(family, self.attribute)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(families())
+
+    def __len__(self) -> int:
+        return len(families())
 
 
-# Short names of each decoder layer's linears, relative to the layer module, for a3q's own
-# model classes (and dense Llama-family models, which use the same names). Dense GPT-2 fuses
-# q/k/v into one Conv1D and is converted to ``a3q_gpt2`` before stages touch its linears.
-LINEAR_PATHS = {
-    "llama": {
-        "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-        "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
-    },
-    "gpt2": {
-        "q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj",
-        "up": "mlp.c_fc", "down": "mlp.c_proj",
-    },
-}
-# Linears that read the same input tensor (one Hessian / statistic serves the whole group).
-SHARED_INPUTS = {"llama": (("q", "k", "v"), ("gate", "up")), "gpt2": (("q", "k", "v"),)}
-LAYER_PREFIX = {"llama": "model.layers.{index}.", "gpt2": "transformer.h.{index}."}
+FAMILIES: Mapping[str, Family] = _AdapterTable()
+#: family name → short linear name → path relative to a decoder layer (a3q's compressed class)
+LINEAR_PATHS: Mapping[str, dict[str, str]] = _AdapterTable("linear_paths")
+#: family name → groups of linears that read the same input tensor
+SHARED_INPUTS: Mapping[str, tuple[tuple[str, ...], ...]] = _AdapterTable("shared_inputs")
+#: family name → state-dict prefix of decoder layer ``{index}``
+LAYER_PREFIX: Mapping[str, str] = _AdapterTable("layer_prefix")
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """Every supported ``config.model_type``, in registration order."""
+    return tuple(t for f in families().values() for t in f.model_types)
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture has no a3q adapter."""
+
+
+def family_of(config: Any) -> str:
+    """The family name of a supported config (a dict or a config object); a clear error listing the supported ones."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    for name, family in families().items():
+        if model_type in family.model_types:
+            return name
+    raise UnsupportedModelError(
+        f"model_type '{model_type}' is not supported (supported: {', '.join(supported_model_types())})")
+
+
+def adapter(family_or_config: str | Any) -> Family:
+    """The adapter of a family name or of a config."""
+    if isinstance(family_or_config, str):
+        return FAMILIES[family_or_config]
+    return FAMILIES[family_of(family_or_config)]
 
 
 def decoder_layers(model: Any, family: str) -> Any:
     """The ModuleList of decoder layers."""
-    return model.model.layers if family == "llama" else model.transformer.h
+    return model.get_submodule(FAMILIES[family].layers_path)
 
 
 def final_norm(model: Any, family: str) -> Any:
     """The norm between the last decoder layer and the LM head."""
-    return model.model.norm if family == "llama" else model.transformer.ln_f
+    return model.get_submodule(FAMILIES[family].final_norm_path)
 
 
 def layer_linears(model: Any, family: str, index: int) -> dict[str, Any]:
@@ -51,96 +92,22 @@ def layer_linears(model: Any, family: str, index: int) -> dict[str, Any]:
     return {name: layer.get_submodule(path) for name, path in LINEAR_PATHS[family].items()}
 
 
-class UnsupportedModelError(ValueError):
-    """The model's architecture has no a3q adapter."""
-
-
-def family_of(config: Any) -> str:
-    """``llama`` or ``gpt2`` for a supported config; a clear error otherwise."""
-    model_type = getattr(config, "model_type", None)
-    if model_type in LLAMA_MODEL_TYPES:
-        return "llama"
-    if model_type in GPT2_MODEL_TYPES:
-        return "gpt2"
-    supported = ", ".join(LLAMA_MODEL_TYPES + GPT2_MODEL_TYPES)
-    raise UnsupportedModelError(f"model_type '{model_type}' is not supported (supported: {supported})")
-
-
-def _per_layer(config: Any, name: str, default: int, count: int) -> list[int]:
-    values = getattr(config, name, None)
-    return list(values) if values else [default] * count
-
-
-def _llama_layers(config: Any) -> list[LayerStructure]:
-    count = config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    qk = _per_layer(config, "qk_head_dims", head_dim, count)
-    vo = _per_layer(config, "vo_head_dims", head_dim, count)
-    ff = _per_layer(config, "intermediate_sizes", config.intermediate_size, count)
-    pairs = getattr(config, "rope_pairs", None) or [None] * count
-    return [
-        LayerStructure(
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=head_dim,
-            qk_head_dim=qk[i],
-            vo_head_dim=vo[i],
-            intermediate_size=ff[i],
-            gated_mlp=True,
-            rope_pairs=pairs[i],
-        )
-        for i in range(count)
-    ]
-
-
-def _gpt2_layers(config: Any) -> list[LayerStructure]:
-    count = config.n_layer
-    head_dim = config.n_embd // config.n_head
-    inner = config.n_inner or 4 * config.n_embd
-    qk = _per_layer(config, "qk_head_dims", head_dim, count)
-    vo = _per_layer(config, "vo_head_dims", head_dim, count)
-    ff = _per_layer(config, "intermediate_sizes", inner, count)
-    return [
-        LayerStructure(
-            num_heads=config.n_head,
-            num_kv_heads=config.n_head,
-            head_dim=head_dim,
-            qk_head_dim=qk[i],
-            vo_head_dim=vo[i],
-            intermediate_size=ff[i],
-            gated_mlp=False,
-        )
-        for i in range(count)
-    ]
-
-
 def layers_from_config(config: Any) -> tuple[str, int, list[LayerStructure]]:
     """(family, hidden size, per-layer structure) read from a config alone: no weights needed."""
-    family = family_of(config)
-    if family == "llama":
-        hidden, layers = config.hidden_size, _llama_layers(config)
-    else:
-        hidden, layers = config.n_embd, _gpt2_layers(config)
+    family = adapter(config)
+    hidden, layers = family.hidden_size(config), family.layer_structures(config)
     # low-rank baselines record their two-factor linears (module path → rank) in the config
     factored = getattr(config, "a3q_factorized", None) or {}
     for index, layer in enumerate(layers):
-        prefix = LAYER_PREFIX[family].format(index=index)
-        for name, path in LINEAR_PATHS[family].items():
+        prefix = family.layer_prefix.format(index=index)
+        for name, path in family.linear_paths.items():
             if prefix + path in factored:
                 layer.factor_ranks[name] = int(factored[prefix + path])
-    return family, hidden, layers
+    return family.name, hidden, layers
 
 
 def describe(model: Any, tokenizer: Any, source: str, history: list | None = None) -> ModelGraph:
     """Build the ModelGraph of a loaded model from its config (never from guessing module shapes)."""
     family, hidden, layers = layers_from_config(model.config)
-    return ModelGraph(
-        model=model,
-        tokenizer=tokenizer,
-        family=family,
-        hidden_size=hidden,
-        layers=layers,
-        uses_rope=family == "llama",
-        source=source,
-        history=list(history or []),
-    )
+    return ModelGraph(model=model, tokenizer=tokenizer, family=family, hidden_size=hidden, layers=layers,
+                      uses_rope=FAMILIES[family].uses_rope, source=source, history=list(history or []))

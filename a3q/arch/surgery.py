@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from a3q.arch import LINEAR_PATHS, decoder_layers, describe
+from a3q.arch import FAMILIES, LINEAR_PATHS, decoder_layers, describe
 from a3q.graph import ModelGraph
 
 
@@ -22,7 +22,7 @@ def redescribe(graph: ModelGraph, model: Any = None) -> ModelGraph:
     """
     model = graph.model if model is None else model
     fresh = describe(model, graph.tokenizer, graph.source, graph.history)
-    fresh.kv_cache, fresh.adapter = graph.kv_cache, graph.adapter
+    fresh.kv_cache, fresh.adapter, fresh.offload = graph.kv_cache, graph.adapter, graph.offload
     for layer, old in zip(fresh.layers, graph.layers):
         layer.quantized = dict(old.quantized)
     return fresh
@@ -35,6 +35,22 @@ def as_a3_graph(graph: ModelGraph) -> ModelGraph:
     if is_a3_model(graph.model):
         return graph
     return redescribe(graph, to_a3_model(graph.model))
+
+
+def layer_weights(model: Any, family: str, index: int) -> dict[str, Any]:
+    """``short.kind`` → tensor of decoder layer ``index``: every linear's weight and bias, and the q/k norm weights
+    of families that have them (what A³ changes; :func:`rebuild_layer` takes the same keys)."""
+    layer = decoder_layers(model, family)[index]
+    paths = dict(LINEAR_PATHS[family])
+    if FAMILIES[family].qk_norm_paths is not None:
+        paths.update(zip(("q_norm", "k_norm"), FAMILIES[family].qk_norm_paths))
+    weights = {}
+    for short, path in paths.items():
+        module = layer.get_submodule(path)
+        for kind in ("weight", "bias"):
+            if getattr(module, kind, None) is not None:
+                weights[f"{short}.{kind}"] = getattr(module, kind)
+    return weights
 
 
 def with_separate_linears(graph: ModelGraph) -> ModelGraph:
@@ -55,7 +71,7 @@ def rebuild_layer(model: Any, family: str, index: int, weights: dict[str, Any], 
 
     ``sizes`` sets the config's per-layer lists (``qk_head_dims``, ``vo_head_dims``, ``intermediate_sizes`` and,
     under RoPE, ``rope_pairs``) at ``index``; ``weights`` maps ``short.kind`` (``q.weight``, ``up.bias``, …) to the
-    new tensors; every other tensor of the layer (norms) is kept.
+    new tensors (``q_norm``/``k_norm`` too, for families with q/k norms); every other tensor (norms) is kept.
     """
     config = model.config
     for name, value in sizes.items():
@@ -64,9 +80,12 @@ def rebuild_layer(model: Any, family: str, index: int, weights: dict[str, Any], 
     layers = decoder_layers(model, family)
     old = layers[index]
     state = old.state_dict()
+    paths = dict(LINEAR_PATHS[family])
+    if FAMILIES[family].qk_norm_paths is not None:
+        paths.update(zip(("q_norm", "k_norm"), FAMILIES[family].qk_norm_paths))
     for key, tensor in weights.items():
         short, kind = key.split(".")
-        state[f"{LINEAR_PATHS[family][short]}.{kind}"] = tensor
+        state[f"{paths[short]}.{kind}"] = tensor
     reference = next(old.parameters())
     new = type(old)(config, index).to(device=reference.device, dtype=reference.dtype)
     new.load_state_dict(state, strict=True)

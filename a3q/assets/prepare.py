@@ -1,14 +1,14 @@
-"""Prepare every offline asset once (``python -m a3q.assets.prepare``): model folder and corpus."""
+"""Prepare every offline asset once (``python -m a3q.assets.prepare``): the bundled model folders and the corpus."""
 
 from __future__ import annotations
 
-from a3q.assets.models import smollm2_path
+from a3q.assets.bundled import BUNDLED_MODELS, bundled_model_path
 from a3q.calib.corpus import CORPORA, load_articles
 
 
 def main() -> None:
-    path = smollm2_path()
-    print(f"model smollm2-135m: {path}")
+    for alias in BUNDLED_MODELS:
+        print(f"model {alias}: {bundled_model_path(alias)}")
     for corpus in CORPORA:
         print(f"corpus {corpus}: {len(load_articles(corpus))} articles")
 

@@ -68,7 +68,10 @@ class PassCheckpoint:
                 setattr(config, key, value)
         for index_text, record in sorted(self.layers.items(), key=lambda item: int(item[0])):
             tensors = read_tensors(self.run.folder.root / record["file"])
-            restore_layer(graph.model, graph.family, int(index_text), record["modules"], tensors)
+            if graph.offload is None:
+                restore_layer(graph.model, graph.family, int(index_text), record["modules"], tensors)
+            else:  # an offloaded model: the finished layer goes to the offload store, not into memory
+                graph.offload.restore(int(index_text), record["modules"], tensors)
         tensors = read_tensors(self.run.folder.root / self.saved["state_file"])
         state = join_tensors(self.saved["state"], tensors)
         to_model = lambda tensor: tensor.to(parameter.device)  # noqa: E731  (files load onto the CPU)

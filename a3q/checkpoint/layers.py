@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from a3q.arch import decoder_layers
@@ -56,14 +57,18 @@ def layer_modules(layer: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def build_layer(model: nn.Module, family: str, index: int) -> nn.Module:
-    """Layer ``index`` as ``model.config`` describes it now (empty weights, on the old layer's device and dtype)."""
+    """Layer ``index`` as ``model.config`` describes it now, on the meta device (no memory, no random init).
+
+    Models of transformers' own classes have no per-layer sizes: their layer's structure is the loaded one, so the
+    existing module is returned.
+    """
     from a3q.modeling.auto import is_a3_model
 
     old = decoder_layers(model, family)[index]
-    if not is_a3_model(model):  # transformers' classes have no per-layer sizes: the structure is the loaded one
+    if not is_a3_model(model):
         return old
-    reference = next(old.parameters())
-    return type(old)(model.config, index).to(device=reference.device, dtype=reference.dtype)
+    with torch.device("meta"):
+        return type(old)(model.config, index)
 
 
 def save_layer(model: nn.Module, family: str, index: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -74,16 +79,20 @@ def save_layer(model: nn.Module, family: str, index: int) -> tuple[dict[str, Any
 
 
 def restore_layer(model: nn.Module, family: str, index: int, swapped: dict[str, dict[str, Any]],
-                  tensors: dict[str, Tensor]) -> None:
-    """Put back layer ``index`` from :func:`save_layer`'s output (the config must already be restored)."""
+                  tensors: dict[str, Tensor], device: torch.device | str | None = None) -> None:
+    """Put back layer ``index`` from :func:`save_layer`'s output (the config must already be restored), on
+    ``device`` (default: where the old layer's weights are). The saved tensors keep their dtypes."""
+    from a3q.modeling.convert import _fill_meta_buffers
+
     layers = decoder_layers(model, family)
     old = layers[index]
-    new = build_layer(model, family, index)
     reference = next(old.parameters())
+    device = reference.device if device is None else torch.device(device)
+    new = build_layer(model, family, index)
     for path, spec in swapped.items():
         cls, _ = REBUILDERS[spec["class"]]
-        new.set_submodule(path, cls(**spec["args"], dtype=reference.dtype, device=reference.device))
-    new.load_state_dict({name: tensor.to(reference.device) for name, tensor in tensors.items()}, strict=True,
-                        assign=True)
+        new.set_submodule(path, cls(**spec["args"], dtype=reference.dtype, device="meta"))
+    new.load_state_dict({name: tensor.to(device) for name, tensor in tensors.items()}, strict=True, assign=True)
+    _fill_meta_buffers(new, device, old)  # RoPE index tables: derived from the config, in no file
     new.train(old.training)
     layers[index] = new

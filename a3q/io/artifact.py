@@ -74,7 +74,11 @@ def save_artifact(
 
     with atomic_directory(path, may_replace=may_replace, expected_bytes=_model_bytes(graph)) as staging:
         with _adapter_set_aside(graph, staging, path):  # base weights without LoRA layers; the adapter goes to adapter/
-            if is_a3_model(graph.model):
+            if graph.offload is not None:  # one layer in memory at a time (a3q.io.streaming)
+                from a3q.io.streaming import save_offloaded_model
+
+                save_offloaded_model(graph, staging, shard_bytes)
+            elif is_a3_model(graph.model):
                 save_with_remote_code(graph.model, staging, max_shard_size=shard_bytes)
             else:
                 _save_transformers_model(graph.model, staging, max_shard_size=shard_bytes)

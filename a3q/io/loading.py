@@ -36,7 +36,7 @@ def _written_by_a3q(config: dict) -> bool:
 
 
 def load_graph(reference: str | Path, dtype: str = "float32", verify: bool = True, device: str | torch.device = "cpu",
-               revision: str | None = None):
+               revision: str | None = None, offload: str = "none", offload_near: Path | None = None):
     """Load ``reference`` into a :class:`~a3q.graph.ModelGraph` on ``device``.
 
     ``reference`` is an alias, a local folder, or a Hub id ``org/name`` (at ``revision``) already in the Hub cache, or
@@ -63,7 +63,10 @@ def load_graph(reference: str | Path, dtype: str = "float32", verify: bool = Tru
     elif verify and _written_by_a3q(config):
         raise ArtifactError(f"{Path(path) / MANIFEST_NAME}: missing, but config.json says a3q wrote this folder "
                             "(pass verify=False to load it unchecked)")
-    if config.get("a3q_factorized") or config.get("a3q_gptq"):
+    offloaded = None
+    if offload in ("cpu", "disk"):
+        model, offloaded = _load_offloaded(path, config, torch_dtype, where, offload, offload_near)
+    elif config.get("a3q_factorized") or config.get("a3q_gptq"):
         model = _load_rebuilt(path, config, torch_dtype)
         if where.type != "cpu":
             model.to(where)
@@ -77,6 +80,7 @@ def load_graph(reference: str | Path, dtype: str = "float32", verify: bool = Tru
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     history = manifest.get("structure", {}).get("history", []) if manifest else []
     graph = describe(model, tokenizer, source=str(reference), history=history)
+    graph.offload = offloaded
     _describe_storage(graph)
     # the quantized-cache setting is also in generation_config.json; the (sealed) manifest is the record that counts
     structure = manifest.get("structure", {}) if manifest else {}
@@ -172,3 +176,63 @@ def _load_rebuilt(path: Path, config_dict: dict, dtype: torch.dtype):
 
 
 _GPTQ_BUFFERS = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+def _load_offloaded(path: Path, config_dict: dict, dtype: torch.dtype, device: torch.device, mode: str,
+                    near: Path | None):
+    """The model on the meta device with its embeddings, final norm and LM head loaded on ``device``; decoder
+    layers stay in the checkpoint's files (see :mod:`a3q.offload`).
+
+    A dense Llama-family or GPT-2 checkpoint is built directly as a3q's class at full rank (the same logits as
+    transformers' class, and the class every compressing stage converts to: converting later would need the layers
+    in memory); a3q artifacts and other checkpoints as their own class, with GPTQ/low-rank modules swapped in.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from a3q.arch import LAYER_PREFIX, adapter, family_of
+    from a3q.modeling.auto import A3_MODEL_TYPES
+    from a3q.modeling.convert import _fill_meta_buffers, a3_config_from_dense
+    from a3q.offload import OffloadedLayers, new_store, read_tensors, tensor_files
+    from a3q.quant.gptq_linear import replace_with_gptq_linears
+    from a3q.modeling.a3q_factored_linear import replace_with_factored_linears
+
+    config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = not (config_dict.get("a3q_factorized") or config_dict.get("a3q_gptq"))
+    convert = None
+    if plain and config.model_type not in A3_MODEL_TYPES:  # names and layouts as the family's adapter maps them
+        dense, family_adapter = config, adapter(config)
+        convert = lambda tensors: family_adapter.to_compressed_state_dict(tensors, dense)  # noqa: E731
+        config = a3_config_from_dense(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if config.model_type not in A3_MODEL_TYPES and config_dict.get("a3q_factorized"):
+            replace_with_factored_linears(model, config_dict["a3q_factorized"])
+        if config.model_type not in A3_MODEL_TYPES and config_dict.get("a3q_gptq"):
+            replace_with_gptq_linears(model, config_dict["a3q_gptq"])
+    family = family_of(model.config)
+    source = tensor_files(path)
+    if not source:
+        raise ArtifactError(f"{path}: no *.safetensors weights")
+    prefixes = tuple(LAYER_PREFIX[family].format(index=i) for i in range(model.config.num_hidden_layers))
+    outside = read_tensors(source, [name for name in source if not name.startswith(prefixes)])
+    if convert is not None:
+        outside = convert(outside)
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    state = {}
+    for name in list(outside):  # one stored copy at a time: the converted tensor replaces the file's
+        tensor = outside.pop(name)
+        state[name] = tensor.to(device=device, dtype=targets[name].dtype if name in targets else None)
+        del tensor
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = [key for key in result.missing_keys if not key.startswith(prefixes)]
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if getattr(config, "tie_word_embeddings", False) else set()
+    if [key for key in missing if key not in tied] or result.unexpected_keys:
+        raise RuntimeError(f"{path}: missing={sorted(missing)} unexpected={sorted(result.unexpected_keys)}")
+    model.tie_weights()
+    _fill_meta_buffers(model, device, None)  # RoPE tables: derived from the config
+    if config_dict.get("a3q_gptq"):  # keep the record for a re-export
+        model.config.a3q_gptq = config_dict["a3q_gptq"]
+    store = new_store(near) if mode == "disk" else None
+    return model, OffloadedLayers(model, family, device, source, convert, store)

@@ -107,7 +107,7 @@ def _weights_problem(folder: Path) -> str | None:
 
 def model_folder_problem(folder: Path) -> str | None:
     """Why ``folder`` cannot be loaded as a model, or None. Reads JSON and file headers only."""
-    from a3q.arch import GPT2_MODEL_TYPES, LLAMA_MODEL_TYPES
+    from a3q.arch import supported_model_types
 
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -117,7 +117,7 @@ def model_folder_problem(folder: Path) -> str | None:
         return f"'{folder}': {problem}"
     if not isinstance(config, dict):
         return f"'{folder}': config.json is not a JSON object"
-    supported = LLAMA_MODEL_TYPES + GPT2_MODEL_TYPES
+    supported = supported_model_types()
     model_type = config.get("model_type")
     if model_type not in supported:
         return f"'{folder}': model_type {model_type!r} is not supported (supported: {', '.join(supported)})"

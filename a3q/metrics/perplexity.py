@@ -84,6 +84,7 @@ def perplexity(
     cache_chunk: int | None = None,
     make_cache: Callable[[], Any] | None = None,
     across_processes: bool = False,
+    layerwise: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``windows`` ([n, seq_len] token ids).
 
@@ -92,6 +93,8 @@ def perplexity(
     ``across_processes``: in a data-parallel run (:mod:`a3q.distributed`) each process scores its contiguous share
     of ``windows`` (a process may get none) and the NLL sums and prediction counts are summed over the processes, so
     every process returns the perplexity of all ``windows``; a non-finite loss on any process fails them all.
+    ``layerwise``: score all (this process's) windows at once with this function instead (an offloaded model:
+    :func:`a3q.metrics.layerwise.layerwise_window_nll`).
     """
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError("windows must have shape [n, seq_len] with seq_len >= 2")
@@ -113,13 +116,8 @@ def perplexity(
         windows = parts[distributed.rank()]
         progress = progress and distributed.is_main()
     nll_sum = 0.0
-    starts = range(0, windows.shape[0], batch_size)
-    for start in tqdm(starts, desc=description, unit="batch", disable=not progress, leave=False):
-        batch = windows[start : start + batch_size].to(device)
-        if cache_chunk is None:
-            nll = window_nll(model, batch)
-        else:
-            nll = chunked_window_nll(model, batch, cache_chunk, make_cache)
+    for start, nll in _scored_batches(model, windows, batch_size, device, cache_chunk, make_cache, layerwise,
+                                      tqdm_args={"desc": description, "disable": not progress}):
         if not torch.isfinite(nll).all():
             bad_windows += (~torch.isfinite(nll)).nonzero().flatten().add(start + offset).tolist()
             if windows is all_windows:  # one process: fail at once
@@ -142,3 +140,19 @@ def perplexity(
         predicted_tokens=predicted,
         windows=int(all_windows.shape[0]),
     )
+
+
+def _scored_batches(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
+                    cache_chunk: int | None, make_cache: Callable[[], Any] | None,
+                    layerwise: Callable[[torch.Tensor], torch.Tensor] | None, tqdm_args: dict[str, Any]):
+    """``(first window, NLL per window)`` batch by batch; one batch of everything when scored ``layerwise``."""
+    if layerwise is not None:
+        if windows.shape[0]:
+            yield 0, layerwise(windows)
+        return
+    for start in tqdm(range(0, windows.shape[0], batch_size), unit="batch", leave=False, **tqdm_args):
+        batch = windows[start : start + batch_size].to(device)
+        if cache_chunk is None:
+            yield start, window_nll(model, batch)
+        else:
+            yield start, chunked_window_nll(model, batch, cache_chunk, make_cache)

@@ -236,10 +236,12 @@ class A3LlamaMLP(nn.Module):
 class A3LlamaDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm decoder block; same call signature as LlamaDecoderLayer so LlamaModel.forward drives it."""
 
+    attention_class = A3LlamaAttention  # subclasses for families whose attention differs (Qwen3's q/k norms)
+
     def __init__(self, config: A3LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.hidden_size = config.hidden_size
-        self.self_attn = A3LlamaAttention(config=config, layer_idx=layer_idx)
+        self.self_attn = self.attention_class(config=config, layer_idx=layer_idx)
         self.mlp = A3LlamaMLP(config, layer_idx)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -290,12 +292,14 @@ class A3LlamaPreTrainedModel(LlamaPreTrainedModel):
 class A3LlamaModel(A3LlamaPreTrainedModel, LlamaModel):
     """LlamaModel whose layers have per-layer shapes; forward (masks, rotary, cache) is LlamaModel's."""
 
+    decoder_layer_class = A3LlamaDecoderLayer
+
     def __init__(self, config: A3LlamaConfig) -> None:
         A3LlamaPreTrainedModel.__init__(self, config)  # PreTrainedModel.__init__: skip LlamaModel's dense layers
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList([A3LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([self.decoder_layer_class(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)  # full head_dim cos/sin, original frequencies
         self.gradient_checkpointing = False
@@ -305,9 +309,11 @@ class A3LlamaModel(A3LlamaPreTrainedModel, LlamaModel):
 class A3LlamaForCausalLM(A3LlamaPreTrainedModel, LlamaForCausalLM):
     """Causal LM head over A3LlamaModel; forward, generation and weight tying are LlamaForCausalLM's."""
 
+    base_model_class = A3LlamaModel
+
     def __init__(self, config: A3LlamaConfig) -> None:
         A3LlamaPreTrainedModel.__init__(self, config)
-        self.model = A3LlamaModel(config)
+        self.model = self.base_model_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()

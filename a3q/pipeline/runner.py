@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from a3q import distributed
 from a3q.arch import LAYER_PREFIX, decoder_layers, final_norm
 from a3q.graph import ModelGraph
+from a3q.offload import hold_layer
 from a3q.numerics import check_activations_finite, check_module_finite
 from a3q.pipeline.stage import CalibratingStage, StopLayer
 
@@ -48,52 +49,67 @@ if TYPE_CHECKING:
 
 @dataclass
 class CapturedInputs:
-    """Decoder-layer inputs per batch: hidden states plus the keyword arguments the model passed."""
+    """Decoder-layer inputs per batch: hidden states plus, per layer, the keyword arguments the model passes it.
+
+    Why per layer: models give different layers different masks and rotary embeddings (Gemma's sliding-window and
+    global layers, each with its own RoPE base), so what layer 0 receives is not what layer 7 receives. The dicts of
+    one batch share their tensors; only the hidden states differ between streams.
+    """
 
     hidden: list[Tensor] = field(default_factory=list)
-    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    kwargs: list[list[dict[str, Any]]] = field(default_factory=list)  # [batch][layer]
 
     def with_hidden(self, hidden: list[Tensor]) -> CapturedInputs:
         return CapturedInputs(hidden=hidden, kwargs=self.kwargs)
 
 
-class _StopForward(Exception):
-    pass
+class _LayerInputRecorder(torch.nn.Module):
+    """Stands in for decoder layer ``index`` while inputs are captured: records what the model passes the layer and
+    returns the hidden states unchanged, so capturing costs the embeddings only (and works with offloaded layers)."""
+
+    def __init__(self, layer: torch.nn.Module, index: int, kwargs: list[dict[str, Any]], first_hidden: list[Tensor]
+                 ) -> None:
+        super().__init__()
+        self.index, self.kwargs, self.first_hidden = index, kwargs, first_hidden
+        if hasattr(layer, "attention_type"):  # some model loops pick a layer's mask by this attribute
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self.kwargs[self.index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        if self.index == 0:
+            self.first_hidden.append(hidden_states)
+        return hidden_states
 
 
 @torch.no_grad()
 def capture_layer_inputs(graph: ModelGraph, windows: Tensor, batch_size: int) -> CapturedInputs:
-    """Run the embeddings only and keep what decoder layer 0 receives, batch by batch."""
+    """Run the embeddings only and keep, batch by batch, what decoder layer 0 receives and every layer's keyword
+    arguments (each decoder layer is replaced by a recorder for the duration)."""
     captured = CapturedInputs()
-    first = decoder_layers(graph.model, graph.family)[0]
-
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden)
-        captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    device = next(graph.model.parameters()).device
+    layers = decoder_layers(graph.model, graph.family)
+    originals = list(layers)
+    device = graph.model.get_input_embeddings().weight.device
     try:
         for start in range(0, windows.shape[0], batch_size):
-            try:
-                graph.model.base_model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
+            per_layer: list[dict[str, Any]] = [{} for _ in originals]
+            for index, layer in enumerate(originals):
+                layers[index] = _LayerInputRecorder(layer, index, per_layer, captured.hidden)
+            graph.model.base_model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+            captured.kwargs.append(per_layer)
     finally:
-        handle.remove()
+        for index, layer in enumerate(originals):
+            layers[index] = layer
     return captured
 
 
 @torch.no_grad()
-def run_layer(layer: torch.nn.Module, inputs: CapturedInputs, handles: list[Any] = ()) -> list[Tensor]:
-    """The layer's outputs on every batch of ``inputs``; ``handles`` (hooks) are removed afterwards."""
+def run_layer(layer: torch.nn.Module, index: int, inputs: CapturedInputs, handles: list[Any] = ()) -> list[Tensor]:
+    """Decoder layer ``index``'s outputs on every batch of ``inputs``; ``handles`` (hooks) are removed afterwards."""
     try:
         outputs = []
         for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
             try:
-                out = layer(hidden, **kwargs)
+                out = layer(hidden, **kwargs[index])
             except StopLayer:  # an observer had what it needed; there is no output for this batch
                 continue
             outputs.append(out[0] if isinstance(out, tuple) else out)
@@ -119,7 +135,8 @@ def observe_layers(
     for index in tqdm(range(len(layers)), desc=description, disable=not progress, leave=False):
         if keep_inputs:
             kept.append(inputs)
-        inputs = inputs.with_hidden(run_layer(layers[index], inputs, observe(graph, index)))
+        with hold_layer(graph, index) as layer:
+            inputs = inputs.with_hidden(run_layer(layer, index, inputs, observe(graph, index)))
     return kept
 
 
@@ -144,19 +161,21 @@ class LayerProbe:
     def _log_probs(self, index: int) -> Tensor:
         layers = decoder_layers(self.graph.model, self.graph.family)
         inputs = self.inputs[index]
-        for layer in list(layers)[index:]:
-            inputs = inputs.with_hidden(run_layer(layer, inputs))
+        for position in range(index, len(layers)):
+            with hold_layer(self.graph, position) as layer:
+                inputs = inputs.with_hidden(run_layer(layer, position, inputs))
         hidden = final_norm(self.graph.model, self.graph.family)(torch.cat(inputs.hidden))
         logits = self.graph.model.get_output_embeddings()(hidden)
         return torch.log_softmax(logits.double(), dim=-1)
 
     def kl_after_change(self, index: int, change: Callable[[], Callable[[], None]]) -> float:
-        undo = change()
-        try:
-            reference = self.reference.double()
-            return float((reference.exp() * (reference - self._log_probs(index))).sum(-1).mean())
-        finally:
-            undo()
+        with hold_layer(self.graph, index):  # an offloaded layer stays in memory, changed, while the rest run
+            undo = change()
+            try:
+                reference = self.reference.double()
+                return float((reference.exp() * (reference - self._log_probs(index))).sum(-1).mean())
+            finally:
+                undo()
 
 
 def _timed(stage: CalibratingStage, work: Callable[[], Any]) -> Any:
@@ -238,37 +257,49 @@ def _run_layers(graph: ModelGraph, windows: Tensor, stages: list[CalibratingStag
         sequential = entry.with_hidden(resumed.hidden["sequential"]) if sequential is not None else None
     elif planners and checkpoint is not None:
         checkpoint.after_plan(graph, stages, _stream_hidden(stages, streams, sequential))
-    prefix = LAYER_PREFIX[graph.family]
     layers = tqdm(range(start, len(graph.layers)), desc=f"{names} (layer by layer)", disable=not progress,
                   leave=False, initial=start, total=len(graph.layers))
     for index in layers:
-        for stage in stages:
-            def work() -> None:
-                nonlocal sequential
-                layer = decoder_layers(graph.model, graph.family)[index]
-                inputs = streams.get(id(stage), sequential)
-                if id(stage) in streams:  # the stage's own stream advances through the layer as it found it
-                    streams[id(stage)] = inputs.with_hidden(run_layer(layer, inputs, stage.observe(graph, index)))
-                elif stage not in planners:
-                    handles = stage.observe(graph, index)
-                    if handles:
-                        run_layer(layer, inputs, handles)
-                if reduce is not None and stage not in planners:
-                    stage.reduce_statistics(index, reduce)
-                while stage.process(graph, index):  # another look at the layer, as changed so far
-                    layer = decoder_layers(graph.model, graph.family)[index]
-                    run_layer(layer, inputs, stage.observe(graph, index))
-                    if reduce is not None:
-                        stage.reduce_statistics(index, reduce)
-            _timed(stage, work)
-            layer = decoder_layers(graph.model, graph.family)[index]
-            check_module_finite(layer, f"{stage.name}, layer {index}", prefix=prefix.format(index=index))
-        if reduce is not None:  # every process must now hold the same layer (a3q.distributed.check_identical)
-            distributed.check_identical(decoder_layers(graph.model, graph.family)[index], f"{names}, layer {index}")
-        if sequential is not None:
-            layer = decoder_layers(graph.model, graph.family)[index]
-            sequential = sequential.with_hidden(run_layer(layer, sequential))
-            check_activations_finite(sequential.hidden, f"{names}: output of layer {index}")
-        if checkpoint is not None:
-            checkpoint.after_layer(graph, index, stages, _stream_hidden(stages, streams, sequential))
+        with hold_layer(graph, index):  # an offloaded layer is read in here and written out, changed, after
+            sequential = _finish_layer(graph, index, stages, planners, streams, sequential, reduce, names)
+            if graph.offload is not None:
+                graph.offload.mark_changed(index)
+            if checkpoint is not None:
+                checkpoint.after_layer(graph, index, stages, _stream_hidden(stages, streams, sequential))
     return graph
+
+
+def _finish_layer(graph: ModelGraph, index: int, stages: list[CalibratingStage], planners: list[CalibratingStage],
+                  streams: dict[int, CapturedInputs], sequential: CapturedInputs | None, reduce: Any, names: str
+                  ) -> CapturedInputs | None:
+    """Every stage observes (through its own stream or the sequential one) and changes layer ``index``; the
+    streams advance (``streams`` in place); returns the sequential stream's next inputs."""
+    prefix = LAYER_PREFIX[graph.family]
+    for stage in stages:
+        def work() -> None:
+            nonlocal sequential
+            layer = decoder_layers(graph.model, graph.family)[index]
+            inputs = streams.get(id(stage), sequential)
+            if id(stage) in streams:  # the stage's own stream advances through the layer as it found it
+                streams[id(stage)] = inputs.with_hidden(run_layer(layer, index, inputs, stage.observe(graph, index)))
+            elif stage not in planners:
+                handles = stage.observe(graph, index)
+                if handles:
+                    run_layer(layer, index, inputs, handles)
+            if reduce is not None and stage not in planners:
+                stage.reduce_statistics(index, reduce)
+            while stage.process(graph, index):  # another look at the layer, as changed so far
+                layer = decoder_layers(graph.model, graph.family)[index]
+                run_layer(layer, index, inputs, stage.observe(graph, index))
+                if reduce is not None:
+                    stage.reduce_statistics(index, reduce)
+        _timed(stage, work)
+        layer = decoder_layers(graph.model, graph.family)[index]
+        check_module_finite(layer, f"{stage.name}, layer {index}", prefix=prefix.format(index=index))
+    if reduce is not None:  # every process must now hold the same layer (a3q.distributed.check_identical)
+        distributed.check_identical(decoder_layers(graph.model, graph.family)[index], f"{names}, layer {index}")
+    if sequential is not None:
+        layer = decoder_layers(graph.model, graph.family)[index]
+        sequential = sequential.with_hidden(run_layer(layer, index, sequential))
+        check_activations_finite(sequential.hidden, f"{names}: output of layer {index}")
+    return sequential

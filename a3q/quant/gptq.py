@@ -38,8 +38,14 @@ from torch import Tensor
 class HessianAccumulator:
     """Running ``2 E[x xᵀ]`` of a linear's inputs (one per distinct input, fed by a forward pre-hook).
 
-    Each batch's product is taken in float32 (float64 inputs stay float64) and summed in float64: the batch
-    products are where the time goes (``tokens · in²``), the sum is where precision is lost.
+    Each batch's product ``Xᵀ X`` is taken in float64 (inputs upcast) and summed in float64, as A³'s statistics are.
+    Why not float32 products: a float32 sum over a batch's tokens rounds at ~1e-7 relative, differently for every
+    batching of the same windows (one batch of 4 windows in one process, batches of 2 in each of two processes),
+    and GPTQ turns such differences into different codes: a rounding near a tie flips a code, its error is fed into
+    the row's later columns, and the sequential stream carries the change into every later layer (SmolLM2, A³ 20% +
+    GPTQ 4-bit g64 at batch size 4: 72% of codes equal between the two batchings). In float64 the batchings differ by
+    ~1e-15 and, on the same layer weights, gave identical codes in every layer. Cost: one ``in × in`` float64 product
+    per batch (a float32 input has 24 mantissa bits, so each term ``x_i x_j`` is exact in float64; only the sum rounds).
     """
 
     def __init__(self, in_features: int) -> None:
@@ -47,11 +53,12 @@ class HessianAccumulator:
         self.tokens = 0
 
     def add(self, inputs: Tensor) -> None:
-        flat = inputs.detach().reshape(-1, inputs.shape[-1])
-        flat = flat.to(torch.float64 if flat.dtype == torch.float64 else torch.float32)
+        flat = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float64)
         if self.sum.device != flat.device:  # accumulate where the inputs are (the model's device)
             self.sum = self.sum.to(flat.device)
-        self.sum += (flat.t() @ flat).to(torch.float64)
+        # the batch's product first, then one addition: two processes' reduced sums then equal one process's sum
+        # when the batches are the same (``sum += P0``, ``sum += P1`` vs ``P0 + P1``); an in-place addmm would not
+        self.sum += flat.t() @ flat
         self.tokens += flat.shape[0]
 
     def hessian(self) -> Tensor:
@@ -173,14 +180,20 @@ def damped_inverse_factor(H: Tensor, damp_percent: float, damp_auto: bool = Fals
     With ``damp_auto`` the damping is doubled (capped at 1.0) until every factorisation succeeds; otherwise a
     failure raises :class:`HessianNotPositiveDefinite`.
     """
-    n = H.shape[0]
     mean = torch.mean(torch.diag(H))
     damp = damp_percent
     while True:
-        damped = H + damp * mean * torch.eye(n, dtype=H.dtype, device=H.device)
+        # at most two n×n matrices besides H at any time (n×n float64 is the largest thing GPTQ holds: 4 GiB for a
+        # 70B model's down_proj), each freed as soon as the next step has it
+        damped = H.clone()
+        damped.diagonal().add_(damp * mean)
         lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 return upper, damp
         if not damp_auto or damp >= 1.0:
@@ -212,8 +225,11 @@ def gptq_quantize(
     H[dead, dead] = float(live.mean()) if live.numel() else 1.0
     Wt[dead] = 0
     order, groups = processing_order(torch.diag(H), group_size, act_order, act_group_aware)
-    Wt, H = Wt[order], H[order][:, order]
+    Wt = Wt[order]
+    H = H[order]
+    H = H[:, order]
     H_inv, damp_used = damped_inverse_factor(H, damp_percent, damp_auto)
+    del H
     H_inv = H_inv.to(work)
 
     segments = _segments(groups)
@@ -243,27 +259,34 @@ def gptq_quantize(
         Wt[end:] -= H_inv[start:end, end:].t() @ errors
 
     inverse = torch.argsort(order)
-    dequantized = Qt.t()[:, inverse].to(torch.float64)
-    original = weight.detach().to(torch.float64)
+    del Wt, H_inv
+    codes = codes.t()[:, inverse].to(torch.int32)
+    dequantized = Qt.t()[:, inverse]
+    del Qt
     return QuantizedWeight(
-        codes=codes.t()[:, inverse].to(torch.int32),
+        codes=codes,
         scales=scales.to(torch.float16),
         zeros=zeros.to(torch.int32),
         g_idx=groups[inverse].to(torch.int32),
-        relative_error=weighted_relative_error(original, dequantized, H_measured),
+        relative_error=weighted_relative_error(weight.detach(), dequantized, H_measured),
         damp_percent=damp_used,
     )
 
 
-def weighted_relative_error(weight: Tensor, dequantized: Tensor, hessian: Tensor) -> float:
+def weighted_relative_error(weight: Tensor, dequantized: Tensor, hessian: Tensor, rows: int = 1024) -> float:
     """``tr((W − Q) H (W − Q)ᵀ) / tr(W H Wᵀ)``: GPTQ's objective relative to quantizing everything to zero.
 
     Pass the undamped Hessian: inputs that are always zero (zero rows/columns of H) then count for nothing.
-    NaN if anything is non-finite (never hidden).
+    NaN if anything is non-finite (never hidden). Computed in float64, ``rows`` output rows at a time, so it never
+    holds a float64 copy of the whole weight.
     """
-    difference = weight - dequantized
-    residual = ((difference @ hessian) * difference).sum()
-    reference = ((weight @ hessian) * weight).sum()
+    residual = torch.zeros((), dtype=torch.float64, device=hessian.device)
+    reference = torch.zeros((), dtype=torch.float64, device=hessian.device)
+    for start in range(0, weight.shape[0], rows):
+        original = weight[start : start + rows].to(torch.float64)
+        difference = original - dequantized[start : start + rows].to(torch.float64)
+        residual += ((difference @ hessian) * difference).sum()
+        reference += ((original @ hessian) * original).sum()
     if not bool(torch.isfinite(residual)) or not bool(torch.isfinite(reference)):
         return math.nan
     return float(residual / reference.clamp_min(1e-300)) if float(reference) > 0 else (0.0 if float(residual) == 0 else math.inf)

@@ -38,6 +38,9 @@ INT8_FIELDS = ("threshold",)
 class BnbConfig(StageConfig):
     """bitsandbytes settings; see the module docstring."""
 
+    def offload_problem(self) -> str | None:
+        return "bitsandbytes converts the whole model in memory: use offload: none"
+
     produces_quantized_weights = True
     requires_float_weights = True
     accepts_factored_linears = False

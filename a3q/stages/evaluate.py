@@ -12,6 +12,7 @@ from pydantic import Field
 
 from a3q.calib.sources import TextDemand, TextSourceFields
 from a3q.calib.windows import sequential_windows
+from a3q.metrics.layerwise import layerwise_window_nll
 from a3q.metrics.perplexity import perplexity
 from a3q.registry import StageConfig, register_stage
 
@@ -30,6 +31,11 @@ class EvaluateConfig(StageConfig, TextSourceFields):
     #: with a quantized cache this is what measures it, since only cached keys/values are ever quantized
     cache_chunk: int | None = Field(None, ge=1)
 
+    def offload_problem(self) -> str | None:
+        if self.cache_chunk is not None:
+            return "cache_chunk runs the whole model through a KV cache: use offload: none, or drop cache_chunk"
+        return None
+
     def text_demands(self, label: str) -> list[TextDemand]:
         return [TextDemand(f"{label}: max_windows", self.source(), self.max_windows or 1, self.seq_len)]
 
@@ -40,6 +46,8 @@ def evaluate(graph, config: EvaluateConfig, context):
     result = perplexity(
         graph.model, windows, batch_size=config.batch_size, description=context.spec.label, cache_chunk=config.cache_chunk,
         across_processes=True,  # data-parallel run: each process scores its share, the sums are reduced
+        layerwise=None if graph.offload is None else lambda share: layerwise_window_nll(
+            graph, share, config.batch_size, progress=True, description=context.spec.label),
     )
     context.metrics.update(
         ppl=result.perplexity,

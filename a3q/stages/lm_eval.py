@@ -42,6 +42,9 @@ BOOTSTRAP_ITERS = 1000
 class LmEvalConfig(StageConfig):
     """Settings of the ``lm_eval`` stage; see the module docstring."""
 
+    def offload_problem(self) -> str | None:
+        return "lm-evaluation-harness runs the whole model: use offload: none"
+
     changes_model = False
 
     tasks: list[str] = Field(min_length=1)

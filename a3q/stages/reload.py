@@ -48,6 +48,8 @@ def _latest_export(context) -> str:
 def reload(graph, config: ReloadConfig, context):
     path = config.path if config.path is not None else _latest_export(context)
     device = next(graph.model.parameters()).device  # where the run's model is (the recipe's device, resolved)
-    reloaded = load_graph(path, context.recipe.dtype, verify=config.verify, device=device)
+    offload = "none" if graph.offload is None else graph.offload.mode  # an offloaded run reloads offloaded too
+    reloaded = load_graph(path, context.recipe.dtype, verify=config.verify, device=device, offload=offload,
+                          offload_near=context.output_dir)
     context.metrics.update(note=f"← {path}" + ("" if config.verify else " (not verified)"))
     return reloaded

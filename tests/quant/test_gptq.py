@@ -250,3 +250,29 @@ def test_non_finite_inputs_give_a_nan_error_not_a_small_one():
     weight[0, 3] = float("nan")
     result = gptq_quantize(weight, hessian, bits=4, group_size=8)
     assert math.isnan(result.relative_error)
+
+
+def test_the_hessian_does_not_depend_on_how_windows_are_batched():
+    """One batch of 4 float32 windows vs two batches of 2 (what one process and each of two processes see at
+    batch size 4): the Hessians must agree to float64 rounding. Float32 batch products differed by ~1e-7, enough
+    for GPTQ's error feedback to flip codes and the flips to cascade through later layers (issue 13)."""
+    generator = torch.Generator().manual_seed(3)
+    scales = torch.exp(2.0 * torch.randn(96, generator=generator))  # channels of very different size, as in LLMs
+    windows = torch.randn(4, 128, 96, generator=generator) * scales  # float32, as a layer's inputs are
+
+    def accumulate(batch_size: int) -> HessianAccumulator:
+        accumulator = HessianAccumulator(96)
+        for start in range(0, 4, batch_size):
+            accumulator.add(windows[start : start + batch_size])
+        return accumulator
+
+    one, two = accumulate(4), accumulate(2)
+    assert one.tokens == two.tokens == 4 * 128
+    flat = windows.reshape(-1, 96).double()
+    exact = 2 * flat.t() @ flat / flat.shape[0]
+    for hessian in (one.hessian(), two.hessian()):
+        assert hessian.dtype == torch.float64
+        assert float((hessian - exact).norm() / exact.norm()) < 1e-13
+    weight = torch.randn(32, 96, generator=generator)
+    codes = [gptq_quantize(weight, acc.hessian(), bits=4, group_size=32).codes for acc in (one, two)]
+    assert torch.equal(*codes)

@@ -35,8 +35,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from a3q.arch import LAYER_PREFIX, LINEAR_PATHS
+from a3q.arch import LINEAR_PATHS
 from a3q.graph import LayerStructure, ModelGraph
+from a3q.offload import hold_layer
 from a3q.pipeline.stage import Probe
 from a3q.stages.a3.compress import compress_layer
 from a3q.stages.a3.mlp import mlp_channel_scores, select_channels
@@ -229,32 +230,33 @@ def measure_sensitivity(graph: ModelGraph, statistics: list[LayerStatistics], pr
         from a3q.pipeline.runner import LayerProbe
 
         probe = LayerProbe(graph, probe)
-    params = dict(graph.model.named_parameters())
-    prefix_format, paths = LAYER_PREFIX[graph.family], LINEAR_PATHS[graph.family]
+    paths = LINEAR_PATHS[graph.family]
     sensitivity = {c: [0.0] * len(graph.layers) for c in components}
     jobs = [(i, c) for i in range(len(graph.layers)) for c in COMPONENTS if c in components]
     for index, component in tqdm(jobs, desc="A³ sensitivity", disable=not progress, leave=False):
-        prefix = prefix_format.format(index=index)
-        weights = {f"{s}.{k}": params[f"{prefix}{p}.{k}"].detach() for s, p in paths.items() for k in ("weight", "bias")
-                   if f"{prefix}{p}.{k}" in params}
-        rank = {"qk": probe_ranks[index].qk, "ov": probe_ranks[index].vo, "mlp": probe_ranks[index].ff}[component]
-        trial = _probe_weights(weights, graph.layers[index], statistics[index], component, rank, graph.uses_rope, damping)
-
-        @torch.no_grad()
-        def swap_in(trial=trial, prefix=prefix):
-            saved = {key: weights[key].clone() for key in trial}
-            for key, tensor in trial.items():
-                short, kind = key.split(".")
-                params[f"{prefix}{paths[short]}.{kind}"].copy_(tensor)
+        with hold_layer(graph, index) as layer:  # an offloaded layer stays in memory for the trial
+            params = dict(layer.named_parameters())
+            weights = {f"{s}.{k}": params[f"{p}.{k}"].detach() for s, p in paths.items() for k in ("weight", "bias")
+                       if f"{p}.{k}" in params}
+            rank = {"qk": probe_ranks[index].qk, "ov": probe_ranks[index].vo, "mlp": probe_ranks[index].ff}[component]
+            trial = _probe_weights(weights, graph.layers[index], statistics[index], component, rank, graph.uses_rope,
+                                   damping)
 
             @torch.no_grad()
-            def restore():
-                for key, tensor in saved.items():
+            def swap_in(trial=trial, params=params, weights=weights):
+                saved = {key: weights[key].clone() for key in trial}
+                for key, tensor in trial.items():
                     short, kind = key.split(".")
-                    params[f"{prefix}{paths[short]}.{kind}"].copy_(tensor)
-            return restore
+                    params[f"{paths[short]}.{kind}"].copy_(tensor)
 
-        sensitivity[component][index] = probe.kl_after_change(index, swap_in)
+                @torch.no_grad()
+                def restore():
+                    for key, tensor in saved.items():
+                        short, kind = key.split(".")
+                        params[f"{paths[short]}.{kind}"].copy_(tensor)
+                return restore
+
+            sensitivity[component][index] = probe.kl_after_change(index, swap_in)
     return sensitivity
 
 
@@ -279,14 +281,15 @@ def plan_global_ranks(graph: ModelGraph, statistics: list[LayerStatistics], rati
         sensitivity = measure_sensitivity(graph, statistics, uniform, probe, components, damping, progress)
     values = sorted(abs(v) for c in components for v in sensitivity[c])
     floor = SENSITIVITY_FLOOR * max(values[len(values) // 2], 1e-12)
-    params = dict(graph.model.named_parameters())
-    prefix_format, paths = LAYER_PREFIX[graph.family], LINEAR_PATHS[graph.family]
+    paths = LINEAR_PATHS[graph.family]
     curves: dict[str, list[ErrorCurve]] = {c: [] for c in components}
     targets = {c: 0 for c in components}
     offset = 0  # parameters removed by starting each curve at its ceiling instead of the full size
     kept = [{"qk": layer.qk_head_dim, "ov": layer.vo_head_dim, "mlp": layer.intermediate_size} for layer in graph.layers]
     for index, layer in enumerate(graph.layers):
-        prefix = prefix_format.format(index=index)
+        with hold_layer(graph, index) as held:  # the two weights the error curves need (an offloaded layer: read)
+            w_down = held.get_submodule(paths["down"]).weight.detach().T.clone()
+            w_o = held.get_submodule(paths["o"]).weight.detach().clone()
         per_rank = {"qk": graph.hidden_size * (layer.num_heads + layer.num_kv_heads),
                     "ov": graph.hidden_size * (layer.num_heads + layer.num_kv_heads),
                     "mlp": graph.hidden_size * (3 if layer.gated_mlp else 2)}
@@ -305,8 +308,7 @@ def plan_global_ranks(graph: ModelGraph, statistics: list[LayerStatistics], rati
             kept[index][component] = grid[-1]
             relative = relative_error_curve(
                 layer, statistics[index], component, graph.uses_rope, damping,
-                w_down=params[f"{prefix}{paths['down']}.weight"].detach().T,
-                w_o=params[f"{prefix}{paths['o']}.weight"].detach(),
+                w_down=w_down, w_o=w_o,
             )
             scale = max(sensitivity[component][index], floor) / max(float(relative[probe[component]]), 1e-12)
             curves[component].append(ErrorCurve(index, component, grid, [scale * float(relative[r]) for r in grid],

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from a3q.arch import LAYER_PREFIX, LINEAR_PATHS
-from a3q.arch.surgery import as_a3_graph, redescribe, with_separate_linears  # noqa: F401  (re-exported)
+from a3q.arch import FAMILIES, LAYER_PREFIX, LINEAR_PATHS
+from a3q.arch.surgery import as_a3_graph, layer_weights, redescribe, with_separate_linears  # noqa: F401
 from a3q.graph import ModelGraph
 from a3q.stages.a3.compress import LayerResult, compress_layer
 from a3q.stages.a3.ranks import LayerRanks
@@ -25,6 +25,12 @@ def layer_sizes(result: LayerResult) -> dict:
             "intermediate_sizes": structure.intermediate_size, "rope_pairs": structure.rope_pairs}
 
 
+def qk_norm_setting(graph: ModelGraph, mode: str) -> tuple[float, str] | None:
+    """``(gain offset, mode)`` for :func:`compress_layer` when the family normalises q and k per head, else None."""
+    family = FAMILIES[graph.family]
+    return None if family.qk_norm_paths is None else (family.norm_weight_offset, mode)
+
+
 def compress_model(
     graph: ModelGraph,
     statistics: list[LayerStatistics],
@@ -32,24 +38,26 @@ def compress_model(
     damping: float,
     components: frozenset[str] = frozenset({"qk", "ov", "mlp"}),
     progress: bool = True,
+    qk_norm: str = "post_norm",
 ) -> tuple[ModelGraph, list[LayerResult]]:
-    """Compress the enabled components of every layer; returns the new graph and per-layer results."""
+    """Compress the enabled components of every layer; returns the new graph and per-layer results.
+
+    ``qk_norm`` says how QK is compressed in families with per-head q/k norms (:mod:`a3q.stages.a3.qk_norm`).
+    """
     from a3q.modeling.auto import a3_config_from_dense, a3_model_from_state_dict
 
     state = graph.model.state_dict()
-    paths = LINEAR_PATHS[graph.family]
+    paths = dict(LINEAR_PATHS[graph.family])
+    norm_paths = FAMILIES[graph.family].qk_norm_paths
+    if norm_paths is not None:
+        paths.update(zip(("q_norm", "k_norm"), norm_paths))
     results = []
     for index in tqdm(range(len(graph.layers)), desc="A³ decomposition", disable=not progress, leave=False):
         prefix = LAYER_PREFIX[graph.family].format(index=index)
-        weights = {
-            f"{short}.{kind}": state[f"{prefix}{path}.{kind}"]
-            for short, path in paths.items()
-            for kind in ("weight", "bias")
-            if f"{prefix}{path}.{kind}" in state
-        }
-        result = compress_layer(
-            weights, graph.layers[index], statistics[index], plans[index], graph.uses_rope, damping, components
-        )
+        weights = {f"{short}.{kind}": state[f"{prefix}{path}.{kind}"] for short, path in paths.items()
+                   for kind in ("weight", "bias") if f"{prefix}{path}.{kind}" in state}
+        result = compress_layer(weights, graph.layers[index], statistics[index], plans[index], graph.uses_rope,
+                                damping, components, qk_norm_setting(graph, qk_norm))
         for key, tensor in result.weights.items():
             short, kind = key.split(".")
             state[f"{prefix}{paths[short]}.{kind}"] = tensor

@@ -19,6 +19,7 @@ from a3q.graph import LayerStructure
 from a3q.stages.a3.mlp import mlp_channel_scores, select_channels
 from a3q.stages.a3.ov import ov_svd
 from a3q.stages.a3.qk import pair_coordinates, qk_svd, rope_pair_scores, select_rope_pairs
+from a3q.stages.a3.qk_norm import coordinate_scores, norm_rescale, rescaled_norm_weight
 from a3q.stages.a3.ranks import LayerRanks
 from a3q.stages.a3.statistics import LayerStatistics
 
@@ -80,6 +81,33 @@ def _compress_qk(weights, layer, stats, rank, rope, damping, out, dtype) -> tupl
     return (kept_pairs if rope else None), dropped / max(total, 1e-300)
 
 
+def _compress_qk_normed(weights, layer, stats, rank, norm_offset, mode, out, dtype) -> tuple[list, float]:
+    """QK with per-head q/k norms: one set of kept pairs for every KV group, norms over the kept coordinates with
+    their gains rescaled (:mod:`a3q.stages.a3.qk_norm`)."""
+    if mode == "post_norm":
+        if stats.q_norm_x2 is None or stats.k_norm_x2 is None:
+            raise ValueError("qk_norm: post_norm needs the normalised q/k moments (statistics from a q/k-norm family)")
+        q_x2, k_x2 = stats.q_norm_x2, stats.k_norm_x2
+    elif mode == "pre_norm":
+        q_x2, k_x2 = stats.g_q.diagonal(dim1=-2, dim2=-1), stats.g_k.diagonal(dim1=-2, dim2=-1)
+    else:
+        raise ValueError(f"qk_norm {mode!r} does not compress QK")
+    d, h, h_kv = layer.qk_head_dim, layer.num_heads, layer.num_kv_heads
+    per_coordinate = coordinate_scores(q_x2, k_x2, h_kv)
+    scores = per_coordinate[: d // 2] + per_coordinate[d // 2 :]
+    local = select_rope_pairs(scores, rank)
+    coords = pair_coordinates(local, d)
+    current = layer.rope_pairs[0] if layer.rope_pairs is not None else list(range(layer.head_dim // 2))
+    kept = [current[p] for p in local.tolist()]
+    _store(out, "q", [_gather_rows(weights, "q", head * d + coords) for head in range(h)], dtype)
+    _store(out, "k", [_gather_rows(weights, "k", kv * d + coords) for kv in range(h_kv)], dtype)
+    for name, moments in (("q_norm", stats.g_q), ("k_norm", stats.g_k)):
+        scale = norm_rescale(moments.diagonal(dim1=-2, dim2=-1), coords)
+        out[f"{name}.weight"] = rescaled_norm_weight(weights[f"{name}.weight"], coords, scale, norm_offset).contiguous()
+    dropped = float(scores.sum() - scores[local].sum())
+    return [list(kept) for _ in range(h_kv)], dropped / max(float(scores.sum()), 1e-300)
+
+
 def _compress_ov(weights, layer, stats, rank, damping, out, dtype) -> float:
     d, group = layer.vo_head_dim, layer.num_heads // layer.num_kv_heads
     mha = group == 1
@@ -122,8 +150,12 @@ def compress_layer(
     rope: bool,
     damping: float,
     components: frozenset[str] = frozenset({"qk", "ov", "mlp"}),
+    qk_norm: tuple[float, str] | None = None,
 ) -> LayerResult:
     """Apply A³ to the enabled ``components`` of one layer; the others are left untouched.
+
+    ``qk_norm`` is ``(gain offset, mode)`` for families with per-head q/k norms (``weights`` then also holds
+    ``q_norm.weight`` and ``k_norm.weight``); see :mod:`a3q.stages.a3.qk_norm`.
 
     An enabled component is transformed even at full rank (a change of basis for OV/NoPE-QK):
     that is what lets the full-rank test check the whole path against the dense logits.
@@ -132,7 +164,10 @@ def compress_layer(
     out: Weights = dict(weights)
     structure = replace(layer)
     errors: dict[str, float] = {}
-    if "qk" in components:
+    if "qk" in components and qk_norm is not None:
+        pairs, errors["qk"] = _compress_qk_normed(weights, layer, stats, ranks.qk, *qk_norm, out, dtype)
+        structure = replace(structure, qk_head_dim=ranks.qk, rope_pairs=pairs)
+    elif "qk" in components:
         pairs, errors["qk"] = _compress_qk(weights, layer, stats, ranks.qk, rope, damping, out, dtype)
         structure = replace(structure, qk_head_dim=ranks.qk, rope_pairs=pairs)
     if "ov" in components:

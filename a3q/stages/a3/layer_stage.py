@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from a3q.arch import layer_linears
-from a3q.arch.surgery import rebuild_layer
+from a3q.arch.surgery import layer_weights, rebuild_layer
 from a3q.graph import ModelGraph
 from a3q.pipeline.stage import CalibratingStage, Statistics
-from a3q.stages.a3.apply import layer_sizes
+from a3q.stages.a3.apply import layer_sizes, qk_norm_setting
 from a3q.stages.a3.compress import compress_layer
 from a3q.stages.a3.ranks import LayerRanks
 from a3q.stages.a3.statistics import LayerStatistics, register_statistics_hooks
@@ -28,6 +27,7 @@ class HeadSpaceCompression(CalibratingStage):
         self.components, self.damping = components, damping
         self.statistics, self.batch_size = statistics, batch_size
         self.plans: list[LayerRanks] = []
+        self.qk_norm_mode = "post_norm"  # how QK is compressed under per-head q/k norms (a3q.stages.a3.qk_norm)
         self.layer_statistics: dict[int, LayerStatistics] = {}
         self.relative_errors: list[dict[str, float]] = []  # per processed layer, by component
         self.calibration_tokens = 0
@@ -45,11 +45,9 @@ class HeadSpaceCompression(CalibratingStage):
         statistics = self.layer_statistics.pop(index)
         self.calibration_tokens = max(self.calibration_tokens, statistics.tokens)
         statistics.finish()
-        linears = layer_linears(graph.model, graph.family, index)
-        weights = {f"{short}.{kind}": getattr(module, kind) for short, module in linears.items()
-                   for kind in ("weight", "bias") if getattr(module, kind, None) is not None}
+        weights = layer_weights(graph.model, graph.family, index)
         result = compress_layer(weights, graph.layers[index], statistics, self.plans[index], graph.uses_rope,
-                                self.damping, self.components)
+                                self.damping, self.components, qk_norm_setting(graph, self.qk_norm_mode))
         rebuild_layer(graph.model, graph.family, index, result.weights, layer_sizes(result))
         graph.layers[index] = result.structure  # later stages of the pass see the layer as it now is
         self.relative_errors.append(result.relative_error)
@@ -65,3 +63,4 @@ class HeadSpaceCompression(CalibratingStage):
         self.layer_statistics = {int(index): LayerStatistics(**stats)
                                  for index, stats in state.pop("layer_statistics").items()}
         super().load_state_dict(state)
+

@@ -6,7 +6,10 @@ Per layer, in float64 and normalised by the token count (``G = E[x xᵀ]``):
   *before* RoPE (needed in full for the NoPE SVD, only their diagonals under RoPE);
 * ``g_o [h, d, d]`` (MHA): head slices of o_proj's input, the paper's per-head ``W_vᵀ R_p W_v``;
 * ``g_v [h_kv, d, d]`` (GQA): outputs of v_proj, the shared value head's statistic;
-* ``mlp_x2 [d_ff]``: per-channel second moment of down_proj's input.
+* ``mlp_x2 [d_ff]``: per-channel second moment of down_proj's input;
+* ``q_norm_x2 [h, d]``, ``k_norm_x2 [h_kv, d]`` (families with q/k norms): per-coordinate second moments of the
+  normalised queries and keys (after the norm's gain, before RoPE), which choose the kept RoPE pairs
+  (:mod:`a3q.stages.a3.qk_norm`).
 
 Nothing of size d_model × d_model is ever built: memory is a handful of d × d matrices per head.
 Which model the inputs come from (as the stage found it, or as already compressed upstream) is the stage's
@@ -21,11 +24,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from a3q.arch import layer_linears
+from a3q.arch import FAMILIES, decoder_layers, layer_linears
 from a3q.graph import ModelGraph
 
 
-_MOMENTS = ("g_q", "g_k", "g_v", "g_o", "mlp_x2")
+_MOMENTS = ("g_q", "g_k", "g_v", "g_o", "mlp_x2", "q_norm_x2", "k_norm_x2")
 
 
 @dataclass
@@ -38,6 +41,8 @@ class LayerStatistics:
     g_v: Tensor | None = None
     g_o: Tensor | None = None
     mlp_x2: Tensor | None = None
+    q_norm_x2: Tensor | None = None
+    k_norm_x2: Tensor | None = None
     _sums: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def add(self, name: str, value: Tensor) -> None:
@@ -69,6 +74,12 @@ def _head_moment(values: Tensor, heads: int) -> Tensor:
     return torch.einsum("nhi,nhj->hij", per_head, per_head)
 
 
+def _per_head_square_sum(values: Tensor, head_axis: int) -> Tensor:
+    """Σ over every axis but the heads and the last of ``values²`` in float64: ``[…, heads, …, d] → [heads, d]``."""
+    per_head = values.movedim(head_axis, -2)
+    return per_head.double().square().reshape(-1, *per_head.shape[-2:]).sum(0)
+
+
 def register_statistics_hooks(graph: ModelGraph, index: int, stats: LayerStatistics, components: set[str]) -> list:
     """Hooks on layer ``index`` that add its moments of ``components`` to ``stats``; returns the handles."""
     layer = graph.layers[index]
@@ -89,6 +100,12 @@ def register_statistics_hooks(graph: ModelGraph, index: int, stats: LayerStatist
     if "qk" in components:
         handles.append(linears["q"].register_forward_hook(output_hook("g_q", layer.num_heads)))
         handles.append(linears["k"].register_forward_hook(output_hook("g_k", layer.num_kv_heads)))
+    family = FAMILIES[graph.family]
+    if "qk" in components and family.qk_norm_paths is not None:
+        block = decoder_layers(graph.model, graph.family)[index]
+        for name, path in zip(("q_norm_x2", "k_norm_x2"), family.qk_norm_paths):
+            square_sum = lambda module, args, output, name=name: stats.add(name, _per_head_square_sum(output, family.qk_norm_head_axis))  # noqa: E731
+            handles.append(block.get_submodule(path).register_forward_hook(square_sum))
     if "ov" in components and mha:
         handles.append(linears["o"].register_forward_pre_hook(input_hook("g_o", layer.num_heads)))
     if "ov" in components and not mha:

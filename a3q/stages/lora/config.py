@@ -17,6 +17,9 @@ LinearName = Literal["q", "k", "v", "o", "gate", "up", "down"]
 class LoraConfig(StageConfig):
     """LoRA through PEFT; see :mod:`a3q.stages.lora` for what each field does."""
 
+    def offload_problem(self) -> str | None:
+        return "training needs every layer in memory for the backward pass: use offload: none"
+
     accepts_factored_linears = False  # PEFT adapts nn.Linear (and quantized linears), not two-factor modules
     trains = True  # the engine repeats the recipe's last perplexity measurement after training
 

@@ -1,0 +1,68 @@
+"""Llama family: RoPE attention, RMSNorm, SwiGLU MLP; MHA or GQA; Llama, Mistral, Qwen2 (q/k/v biases).
+
+The dense classes already use a3q's module names, so weights map one to one into ``a3q_llama``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+from a3q.arch.family import Family, register_family
+
+LLAMA_LINEARS = {
+    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+}
+#: keys of a dense config dict that must not leak into the compressed config (the dense class's identity, metadata)
+DROP_KEYS = {"model_type", "architectures", "transformers_version", "auto_map", "_name_or_path"}
+
+
+def config_kwargs(config: Any, config_cls: type) -> dict[str, Any]:
+    """The dense config's fields that ``config_cls`` also has (deep copies)."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return {k: copy.deepcopy(v) for k, v in config.to_dict().items() if k not in DROP_KEYS and k in names}
+
+
+def check_no_sliding_window(config: Any) -> None:
+    """Refuse dense configs whose sliding window actually changes attention (A3Llama attends over full context)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return
+    layer_types = getattr(config, "layer_types", None)
+    uses_window = layer_types is None or "sliding_attention" in layer_types
+    if config.model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
+        uses_window = False
+    if uses_window and window < config.max_position_embeddings:
+        raise ValueError(
+            f"{config.model_type} config has an active sliding window ({window} < max_position_embeddings="
+            f"{config.max_position_embeddings}); A3LlamaForCausalLM only implements full causal attention. "
+            "Set sliding_window=None only if the model was trained without it."
+        )
+
+
+@register_family
+class Llama(Family):
+    def __init__(self) -> None:
+        super().__init__(name="llama", model_types=("llama", "mistral", "qwen2", "a3q_llama"),
+                         compressed_type="a3q_llama", linear_paths=LLAMA_LINEARS,
+                         shared_inputs=(("q", "k", "v"), ("gate", "up")), layer_prefix="model.layers.{index}.",
+                         layers_path="model.layers", final_norm_path="model.norm")
+
+    def compressed_classes(self):
+        from a3q.modeling.modeling_a3q_llama import A3LlamaConfig, A3LlamaForCausalLM, A3LlamaModel
+
+        return A3LlamaConfig, A3LlamaModel, A3LlamaForCausalLM
+
+    def compressed_config(self, config: Any, **overrides: Any) -> Any:
+        config_cls = self.compressed_classes()[0]
+        check_no_sliding_window(config)
+        kwargs = config_kwargs(config, config_cls)
+        kwargs["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if config.model_type == "qwen2":  # q/k/v biases, no o bias, no MLP bias
+            kwargs.update(attention_bias=False, qkv_bias=True, o_bias=False, mlp_bias=False)
+        elif config.model_type == "mistral":
+            kwargs.update(attention_bias=False, mlp_bias=False)
+        kwargs.update(overrides)
+        return config_cls(**kwargs)
