@@ -191,7 +191,7 @@ class GPTQStage(CalibratingStage):
         """Quantize one input group as one stacked weight: GPTQ treats output rows independently given H."""
         cfg = self.config
         stacked = torch.cat([module.weight for module in group.values()])
-        result = gptq_quantize(stacked, accumulator.hessian(), cfg.bits, cfg.group_size, cfg.sym, cfg.act_order,
+        result = gptq_quantize(stacked, accumulator.take_hessian(), cfg.bits, cfg.group_size, cfg.sym, cfg.act_order,
                                cfg.damp_percent, cfg.block_size, act_group_aware=cfg.act_group_aware,
                                damp_auto=cfg.damp_auto)
         if not math.isfinite(result.relative_error):
