@@ -11,7 +11,7 @@ recipe's fields. Its components, in bytes (a rough upper bound of the peak, not 
 * ``calibration_activations``: a calibration pass keeps one layer's inputs and outputs for every window:
   ``2 × windows × seq_len × hidden × bytes``;
 * ``layer_statistics``: one layer's float64 second moments (GPTQ Hessians, a baseline's ``E[x xᵀ]``; A³'s head-space
-  statistics are smaller): ``8 × (3·hidden² + intermediate²)``;
+  statistics are smaller) and the matrices GPTQ inverts them with: :func:`layer_statistics_bytes`;
 * ``forward_workspace``: the largest batch one stage runs (``batch_size × seq_len``): a layer's activations, the
   attention scores, the logits and the float64 log-softmax of one window;
 * ``lora_training``: a ``lora`` stage's adapter weights, gradients and Adam state (16 bytes per trainable parameter)
@@ -107,6 +107,14 @@ def layer_bytes(folder: Path, width: int) -> tuple[int, int, int]:
 _LAYER_NAME = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 
 
+def layer_statistics_bytes(hidden: int, intermediate: int) -> int:
+    """Peak bytes of one layer's float64 statistics: every input's second moments while the layer is observed
+    (``3·hidden² + intermediate²``: q/k/v, o, gate/up, down) plus the two ``n × n`` matrices GPTQ's inversion adds
+    to the group it quantizes; the largest such moment is down_proj's alone (``3·intermediate²``)."""
+    observed = 3 * hidden * hidden + intermediate * intermediate
+    return 8 * max(observed + 2 * hidden * hidden, 3 * intermediate * intermediate)
+
+
 def estimate_memory(recipe: Any, folder: Path | None = None, offload: str | None = None) -> dict[str, Any]:
     """Estimate the run's peak memory: ``{"device", "dtype", "offload", "host": {component: bytes},
     "device_memory": {...}, "host_total", "device_total"}`` (device entries only on a GPU). Reads config.json and
@@ -136,7 +144,7 @@ def estimate_memory(recipe: Any, folder: Path | None = None, offload: str | None
     calibrating = [spec for spec in recipe.stages if spec.config.needs_calibration]
     cal = recipe.calibration
     activations = 2 * cal.windows * cal.seq_len * hidden * width if calibrating else 0
-    statistics = 8 * (3 * hidden * hidden + intermediate * intermediate) if calibrating else 0
+    statistics = layer_statistics_bytes(hidden, intermediate) if calibrating else 0
     workspace = 0
     for spec in recipe.stages:
         batch = getattr(spec.config, "batch_size", 4) or 1

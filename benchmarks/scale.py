@@ -83,7 +83,7 @@ def run(model: Path, folder: Path, offload: str, args: argparse.Namespace) -> di
 
 def memory_model(dtype: str, windows: int, seq_len: int) -> list[dict]:
     """The offloaded run's estimated resident memory for the 8B and 70B shapes (no weights needed)."""
-    from a3q.preflight import RUNTIME_BYTES
+    from a3q.preflight import RUNTIME_BYTES, layer_statistics_bytes
 
     width = 4 if dtype == "float32" else 2
     rows = []
@@ -96,7 +96,7 @@ def memory_model(dtype: str, windows: int, seq_len: int) -> list[dict]:
         checkpoint = (layer * layers + outside) * 2  # bf16 on disk
         parts = {"runtime": RUNTIME_BYTES, "embeddings + LM head": outside * width, "two layers": 2 * layer * width,
                  "activations": 2 * windows * seq_len * hidden * width,
-                 "statistics": 8 * (3 * hidden * hidden + inter * inter)}
+                 "statistics": layer_statistics_bytes(hidden, inter)}
         total = sum(parts.values())
         rows.append({"shape": name, "checkpoint_gib": round(checkpoint / 2**30, 1),
                      **{k: round(v / 2**30, 2) for k, v in parts.items()},
@@ -127,7 +127,8 @@ def main() -> None:
              f"calibration {args.windows}x{args.seq_len}"]
     if len(rows) == 2:
         notes.append(f"offloaded peak RSS = {rows[0]['peak_rss_mib'] / rows[1]['peak_rss_mib']:.2f} x in-memory")
-    model_rows = memory_model(args.dtype, args.windows, args.seq_len)
+    # the memory model in both working dtypes: float32 (a3q's CPU default) and bfloat16 (dtype: auto on a GPU)
+    model_rows = {dtype: memory_model(dtype, args.windows, args.seq_len) for dtype in ("float32", "bfloat16")}
     finish("scale", machine_info("cpu"), args, rows, notes, lambda result: render({**result, "memory_model": model_rows}))
     if args.json:  # finish wrote the rows; add the memory model
         result = json.loads(args.json.read_text())
@@ -142,16 +143,17 @@ def render(result: dict) -> None:
         table.add_row(row["offload"], f"{row['wall_s']:.0f}", f"{row['s_per_layer']:.1f}",
                       f"{row['peak_rss_mib']:.0f}", f"{row['of_checkpoint']:.0%}", f"{row['artifact_mib']:.0f}")
     print_with_context(table, result)
-    model = Table(title="offload: disk, resident memory model (GiB) at scale")
-    keys = [k for k in result.get("memory_model", [{}])[0] if k != "shape"]
-    model.add_column("shape")
-    for key in keys:
-        model.add_column(key)
-    for row in result.get("memory_model", []):
-        model.add_row(row["shape"], *[f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k]) for k in keys])
     from rich.console import Console
 
-    Console().print(model)
+    for dtype, rows in result.get("memory_model", {}).items():
+        model = Table(title=f"offload: disk, resident memory model (GiB) at scale, working dtype {dtype}")
+        keys = [k for k in rows[0] if k != "shape"]
+        model.add_column("shape")
+        for key in keys:
+            model.add_column(key)
+        for row in rows:
+            model.add_row(row["shape"], *[f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k]) for k in keys])
+        Console(width=160).print(model)
 
 
 if __name__ == "__main__":

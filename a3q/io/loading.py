@@ -187,6 +187,7 @@ def _load_offloaded(path: Path, config_dict: dict, dtype: torch.dtype, device: t
     transformers' class, and the class every compressing stage converts to: converting later would need the layers
     in memory); a3q artifacts and other checkpoints as their own class, with GPTQ/low-rank modules swapped in.
     """
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from a3q.arch import LAYER_PREFIX, adapter, family_of
@@ -205,7 +206,7 @@ def _load_offloaded(path: Path, config_dict: dict, dtype: torch.dtype, device: t
         dense, family_adapter = config, adapter(config)
         convert = lambda tensors: family_adapter.to_compressed_state_dict(tensors, dense)  # noqa: E731
         config = a3_config_from_dense(config)
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=True):  # accelerate's meta-device build: no memory for any weight
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         if config.model_type not in A3_MODEL_TYPES and config_dict.get("a3q_factorized"):
             replace_with_factored_linears(model, config_dict["a3q_factorized"])

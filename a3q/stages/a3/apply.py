@@ -38,7 +38,7 @@ def compress_model(
     damping: float,
     components: frozenset[str] = frozenset({"qk", "ov", "mlp"}),
     progress: bool = True,
-    qk_norm: str = "post_norm",
+    qk_norm: str = "pre_norm",
 ) -> tuple[ModelGraph, list[LayerResult]]:
     """Compress the enabled components of every layer; returns the new graph and per-layer results.
 

@@ -27,7 +27,7 @@ class HeadSpaceCompression(CalibratingStage):
         self.components, self.damping = components, damping
         self.statistics, self.batch_size = statistics, batch_size
         self.plans: list[LayerRanks] = []
-        self.qk_norm_mode = "post_norm"  # how QK is compressed under per-head q/k norms (a3q.stages.a3.qk_norm)
+        self.qk_norm_mode = "pre_norm"  # how QK is compressed under per-head q/k norms (a3q.stages.a3.qk_norm)
         self.layer_statistics: dict[int, LayerStatistics] = {}
         self.relative_errors: list[dict[str, float]] = []  # per processed layer, by component
         self.calibration_tokens = 0

@@ -12,7 +12,7 @@
   mix_components: false     # global: also move budget between qk/ov/mlp (off: each keeps its own budget)
   probe_windows: 2          # global: calibration windows (of probe_seq_len tokens) per sensitivity probe
   probe_seq_len: 256
-  qk_norm: post_norm        # families with per-head q/k norms (Gemma 3): keep (QK whole), pre_norm or post_norm
+  qk_norm: pre_norm         # families with per-head q/k norms (Gemma 3, Qwen3): keep (QK whole), pre_norm or post_norm
                             # (which moments choose the kept RoPE pairs; see a3q.stages.a3.qk_norm)
   statistics: dense         # each layer's statistics from the model as the stage found it (the paper's protocol),
                             # or sequential: from the layers before it as already compressed (shared with GPTQ)
@@ -66,7 +66,7 @@ class A3Config(StageConfig):
     probe_windows: int = Field(2, ge=1)
     probe_seq_len: int = Field(256, ge=2)
     statistics: Literal["dense", "sequential"] = "dense"
-    qk_norm: Literal["keep", "pre_norm", "post_norm"] = "post_norm"  # best measured on Gemma-3-270M (README)
+    qk_norm: Literal["keep", "pre_norm", "post_norm"] = "pre_norm"  # best overall on Gemma-3-270M (README)
 
     def changes_kv_ranks(self) -> bool:
         return "qk" in self.components or "ov" in self.components
