@@ -128,6 +128,7 @@ def _load_rebuilt(path: Path, config_dict: dict, dtype: torch.dtype):
     ``quantization_config`` is there for plain transformers; a3q does not need it). Only the keys of tied weights
     (the LM head under tied embeddings) may be absent from the files.
     """
+    from accelerate import init_empty_weights
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -138,14 +139,18 @@ def _load_rebuilt(path: Path, config_dict: dict, dtype: torch.dtype):
     config = AutoConfig.from_pretrained(str(path))
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if config_dict.get("a3q_factorized"):
-        replace_with_factored_linears(model, config_dict["a3q_factorized"])
-    if config_dict.get("a3q_gptq"):
-        replace_with_gptq_linears(model, config_dict["a3q_gptq"])
+    # parameters on the meta device (no memory, no random init): the files' tensors replace them below; buffers
+    # (RoPE tables, GPTQ's packed codes) are real, and small
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if config_dict.get("a3q_factorized"):
+            replace_with_factored_linears(model, config_dict["a3q_factorized"])
+        if config_dict.get("a3q_gptq"):
+            replace_with_gptq_linears(model, config_dict["a3q_gptq"])
+    targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     # one file at a time (model.safetensors, or each shard its index names), so a sharded artifact never needs a
-    # second full copy of the weights in memory; load_state_dict copies into the model's tensors, converting dtypes
-    # (fp16 GPTQ scales stay fp16 buffers)
+    # second full copy of the weights in memory; each tensor takes the model's dtype for it (fp16 GPTQ scales stay
+    # fp16 buffers) and is assigned in place of the meta one
     try:
         files = weight_files(path)
     except ShardIndexError as exc:
@@ -158,7 +163,8 @@ def _load_rebuilt(path: Path, config_dict: dict, dtype: torch.dtype):
         if not weights.is_file():
             raise ArtifactError(f"{weights}: weights shard named in {WEIGHTS_INDEX} is missing")
         state = load_file(str(weights))
-        unexpected += model.load_state_dict(state, strict=False).unexpected_keys
+        state = {name: tensor.to(targets[name].dtype) if name in targets else tensor for name, tensor in state.items()}
+        unexpected += model.load_state_dict(state, strict=False, assign=True).unexpected_keys
         loaded.update(state)
         del state
     missing = [key for key in model.state_dict() if key not in loaded]
