@@ -111,7 +111,7 @@ def a3_rows(dense, calib, test, ratios, methods, args, emit) -> None:
         for ratio in ratios:
             if "a3" in methods:
                 qk_norm_rows(graph, stats, stats_seconds, dense, test, ratio, args.qk_norm, emit)
-        methods = [m for m in methods if m not in ("a3", "a3_global")]
+        methods = [m for m in methods if m != "a3"]  # done above, one row per q/k-norm mode
     for ratio in ratios:
         if "a3_sequential" in methods:  # through the stage itself: each layer's statistics after the ones before
             import copy
@@ -255,6 +255,9 @@ def main() -> None:
     console = Console(stderr=True)
     info = machine_info("cpu")
     dense = load_graph(args.model)
+    if qk_normed(dense) and "a3_global" in args.methods:  # before any work: the a3 stage would refuse it
+        raise SystemExit(f"a3_global: {args.model} has per-head q/k norms, for which the a3 stage refuses "
+                         "allocation: global (its probes ignore the norm); leave it out of --methods")
     calib = random_windows(dense.tokenizer, enwiki("calib"), args.seq_len, args.calib_windows, seed=0)
     test = sequential_windows(dense.tokenizer, enwiki("test"), args.seq_len, args.eval_windows)
     result = dict(machine=info, model=args.model, methods=args.methods, calib_windows=args.calib_windows, eval_windows=args.eval_windows,
