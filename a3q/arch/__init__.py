@@ -3,9 +3,12 @@
 One file per family, each a :class:`~a3q.arch.family.Family` registered with ``@register_family``:
 
 * ``llama``: RoPE attention, RMSNorm, gated MLP (Llama, Mistral, Qwen2, and a3q's ``a3q_llama``), MHA or GQA,
-  optional q/k/v biases.
+  optional q/k/v biases, sliding-window layers.
 * ``gpt2``: learned absolute positions (no RoPE), MHA, biases (GPT-2 and ``a3q_gpt2``).
+* ``phi3``: Phi-3 (``phi3``, ``a3q_phi3``): Llama's layers with fused ``qkv_proj``/``gate_up_proj``, split on load.
 * ``qwen3``: Qwen3 (``qwen3``, ``a3q_qwen3``): Llama's layout plus per-head q/k RMSNorm before RoPE.
+* ``gemma2``: Gemma 2 (``gemma2``, ``a3q_gemma2``): no q/k norms; sandwich norms, ``(1 + w)`` gains, GeGLU,
+  soft-capped attention and final logits, sliding-window and global layers with one RoPE base.
 * ``gemma3``: Gemma 3 text models (``gemma3_text``, ``a3q_gemma3``): per-head q/k RMSNorm before RoPE, sandwich
   norms, GeGLU, sliding-window and global layers with their own RoPE bases.
 
@@ -15,9 +18,10 @@ adapters keyed by family name, kept for the many call sites that index them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from collections.abc import Iterator, Mapping
+import torch
 
 from a3q.arch.family import Family, families, register_family  # noqa: F401  (the interface, re-exported)
 from a3q.graph import LayerStructure, ModelGraph
@@ -84,6 +88,16 @@ def decoder_layers(model: Any, family: str) -> Any:
 def final_norm(model: Any, family: str) -> Any:
     """The norm between the last decoder layer and the LM head."""
     return model.get_submodule(FAMILIES[family].final_norm_path)
+
+
+def lm_logits(model: Any, family: str, last_hidden: Any) -> Any:
+    """The logits the model's own forward computes from the last decoder layer's output: final norm, LM head, and
+    the final logit soft-cap where the config has one (Gemma 2: ``cap · tanh(logits / cap)``). Layer-by-layer
+    evaluations and global allocation's probes go through here, so they score what the model's forward scores."""
+    logits = model.get_output_embeddings()(final_norm(model, family)(last_hidden))
+    if cap := getattr(model.config, "final_logit_softcapping", None):
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def layer_linears(model: Any, family: str, index: int) -> dict[str, Any]:

@@ -89,7 +89,8 @@ def per_layer(config: Any, name: str, default: int, count: int) -> list[int]:
 #: the built-in adapters, imported by :func:`families` on first use (like the built-in stages): importing an adapter
 #: never imports the others, and ``a3q.arch`` does not import its own submodules at import time (no import cycles).
 #: Adding a family is writing one module and naming it here.
-BUILTIN_FAMILY_MODULES = ("a3q.arch.llama", "a3q.arch.gpt2", "a3q.arch.gemma3", "a3q.arch.qwen3")
+BUILTIN_FAMILY_MODULES = ("a3q.arch.llama", "a3q.arch.gpt2", "a3q.arch.gemma3", "a3q.arch.qwen3", "a3q.arch.phi3",
+                          "a3q.arch.gemma2")
 
 
 def families() -> dict[str, Family]:

@@ -1,5 +1,9 @@
 """Llama family: RoPE attention, RMSNorm, SwiGLU MLP; MHA or GQA; Llama, Mistral, Qwen2 (q/k/v biases).
 
+Mistral's sliding window (every layer) and Qwen2's (``use_sliding_window``: the layers from ``max_window_layers``
+on) are carried into the compressed config as ``sliding_window`` + ``layer_types``; each compressed layer then
+attends over its own window, as the dense one does.
+
 The dense classes already use a3q's module names, so weights map one to one into ``a3q_llama``.
 """
 
@@ -25,23 +29,6 @@ def config_kwargs(config: Any, config_cls: type) -> dict[str, Any]:
     return {k: copy.deepcopy(v) for k, v in config.to_dict().items() if k not in DROP_KEYS and k in names}
 
 
-def check_no_sliding_window(config: Any) -> None:
-    """Refuse dense configs whose sliding window actually changes attention (A3Llama attends over full context)."""
-    window = getattr(config, "sliding_window", None)
-    if window is None:
-        return
-    layer_types = getattr(config, "layer_types", None)
-    uses_window = layer_types is None or "sliding_attention" in layer_types
-    if config.model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
-        uses_window = False
-    if uses_window and window < config.max_position_embeddings:
-        raise ValueError(
-            f"{config.model_type} config has an active sliding window ({window} < max_position_embeddings="
-            f"{config.max_position_embeddings}); A3LlamaForCausalLM only implements full causal attention. "
-            "Set sliding_window=None only if the model was trained without it."
-        )
-
-
 @register_family
 class Llama(Family):
     def __init__(self) -> None:
@@ -57,7 +44,6 @@ class Llama(Family):
 
     def compressed_config(self, config: Any, **overrides: Any) -> Any:
         config_cls = self.compressed_classes()[0]
-        check_no_sliding_window(config)
         kwargs = config_kwargs(config, config_cls)
         kwargs["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if config.model_type == "qwen2":  # q/k/v biases, no o bias, no MLP bias

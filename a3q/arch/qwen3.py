@@ -2,7 +2,7 @@
 
 The dense class uses a3q's module names, so weights map one to one into ``a3q_qwen3``. The q/k norms have plain
 gains ``w`` (offset 0, unlike Gemma's ``1 + w``); how A³ treats them is :mod:`a3q.stages.a3.qk_norm`, shared with
-Gemma 3. Like Llama, an active sliding window (``use_sliding_window``) is refused.
+Gemma 3. Sliding-window layers (``use_sliding_window``) are carried over as in :mod:`a3q.arch.llama`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from a3q.arch.family import Family, register_family
-from a3q.arch.llama import LLAMA_LINEARS, check_no_sliding_window, config_kwargs
+from a3q.arch.llama import LLAMA_LINEARS, config_kwargs
 
 
 @register_family
@@ -29,8 +29,6 @@ class Qwen3(Family):
 
     def compressed_config(self, config: Any, **overrides: Any) -> Any:
         config_cls = self.compressed_classes()[0]
-        if config.model_type == "qwen3":
-            check_no_sliding_window(config)
         kwargs = config_kwargs(config, config_cls)
         kwargs["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if config.model_type == "qwen3":  # q/k/v/o biases follow attention_bias; the MLP has none

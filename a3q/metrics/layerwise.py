@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from a3q.arch import final_norm
+from a3q.arch import lm_logits
 from a3q.graph import ModelGraph
 
 
@@ -28,10 +28,9 @@ def layerwise_window_nll(graph: ModelGraph, windows: Tensor, batch_size: int, pr
     for index in tqdm(range(len(graph.layers)), desc=description, disable=not progress, leave=False):
         with hold_layer(graph, index) as layer:
             inputs = inputs.with_hidden(run_layer(layer, index, inputs))
-    norm, head = final_norm(graph.model, graph.family), graph.model.get_output_embeddings()
     totals = []
     for hidden, start in zip(inputs.hidden, range(0, windows.shape[0], batch_size)):
-        logits = head(norm(hidden))
+        logits = lm_logits(graph.model, graph.family, hidden)
         for window_logits, window in zip(logits, windows[start : start + batch_size].to(logits.device)):
             totals.append(F.cross_entropy(window_logits[:-1].double(), window[1:], reduction="sum"))
     return torch.stack(totals)

@@ -1,22 +1,25 @@
 """A³ model classes: registration with transformers' Auto classes, and remote-code export.
 
-Importing this module registers ``a3q_llama`` / ``a3q_gpt2`` / ``a3q_gemma3`` / ``a3q_qwen3`` with ``AutoConfig`` and ``AutoModelForCausalLM``
-(idempotent), so ``AutoModelForCausalLM.from_pretrained(dir)`` works in-process. ``save_with_remote_code`` also
-writes the self-contained modeling file next to the weights, so a process WITHOUT a3q can load the checkpoint with
-``trust_remote_code=True``.
+Importing this module registers every family's compressed class (``a3q_llama``, ``a3q_gpt2``, ``a3q_gemma3``, …, as
+the adapters in :mod:`a3q.arch` name them) with ``AutoConfig`` and ``AutoModelForCausalLM`` (idempotent), so
+``AutoModelForCausalLM.from_pretrained(dir)`` works in-process. ``save_with_remote_code`` also writes the
+self-contained modeling file next to the weights, with every sibling file it imports, so a process WITHOUT a3q can
+load the checkpoint with ``trust_remote_code=True``.
+
+Nothing here names a family: a new adapter's ``compressed_classes()`` is all this module needs.
 """
 
+import re
 import shutil
+import sys
 from pathlib import Path
+from types import ModuleType
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
-from a3q.modeling import (a3q_bnb_cpu, a3q_factored_linear, a3q_gptq_linear, modeling_a3q_gemma3, modeling_a3q_gpt2,
-                          modeling_a3q_llama, modeling_a3q_qwen3)
-from a3q.modeling.modeling_a3q_gemma3 import A3Gemma3Config, A3Gemma3ForCausalLM, A3Gemma3Model
+from a3q.arch import families
 from a3q.modeling.modeling_a3q_gpt2 import A3GPT2Config, A3GPT2ForCausalLM, A3GPT2Model
 from a3q.modeling.modeling_a3q_llama import A3LlamaConfig, A3LlamaForCausalLM, A3LlamaModel
-from a3q.modeling.modeling_a3q_qwen3 import A3Qwen3Config, A3Qwen3ForCausalLM, A3Qwen3Model
 
 __all__ = [
     "A3LlamaConfig",
@@ -36,26 +39,17 @@ __all__ = [
     "a3_model_from_state_dict",
 ]
 
-# model_type -> (modeling module, config class name, causal-LM class name)
-_REMOTE_CODE = {
-    A3LlamaConfig.model_type: (modeling_a3q_llama, "A3LlamaConfig", "A3LlamaForCausalLM"),
-    A3GPT2Config.model_type: (modeling_a3q_gpt2, "A3GPT2Config", "A3GPT2ForCausalLM"),
-    A3Gemma3Config.model_type: (modeling_a3q_gemma3, "A3Gemma3Config", "A3Gemma3ForCausalLM"),
-    A3Qwen3Config.model_type: (modeling_a3q_qwen3, "A3Qwen3Config", "A3Qwen3ForCausalLM"),
-}
-# modeling files another one imports (relatively) besides the helpers every artifact gets
-_REMOTE_CODE_DEPENDENCIES = {A3Gemma3Config.model_type: (modeling_a3q_llama,), A3Qwen3Config.model_type: (modeling_a3q_llama,)}
-A3_MODEL_TYPES = frozenset(_REMOTE_CODE)
+#: compressed model_type -> (config class, base model class, causal-LM class), from every registered adapter
+COMPRESSED_CLASSES = {classes[0].model_type: classes for classes in (f.compressed_classes() for f in families().values())}
+A3_MODEL_TYPES = frozenset(COMPRESSED_CLASSES)
+
+#: ``from .name import ...``: how a modeling file imports its siblings (it must stay importable without a3q)
+_RELATIVE_IMPORT = re.compile(r"^\s*from \.(\w+) import", re.MULTILINE)
 
 
 def register_auto_classes() -> None:
     """Register every A³ class with AutoConfig / AutoModel / AutoModelForCausalLM (safe to call repeatedly)."""
-    for config_cls, base_cls, lm_cls in (
-        (A3LlamaConfig, A3LlamaModel, A3LlamaForCausalLM),
-        (A3GPT2Config, A3GPT2Model, A3GPT2ForCausalLM),
-        (A3Gemma3Config, A3Gemma3Model, A3Gemma3ForCausalLM),
-        (A3Qwen3Config, A3Qwen3Model, A3Qwen3ForCausalLM),
-    ):
+    for config_cls, base_cls, lm_cls in COMPRESSED_CLASSES.values():
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModel.register(config_cls, base_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, lm_cls, exist_ok=True)
@@ -63,7 +57,7 @@ def register_auto_classes() -> None:
 
 register_auto_classes()
 
-from a3q.modeling.convert import a3_config_from_dense, a3_model_from_state_dict, to_a3_model  # noqa: E402
+from a3q.modeling.convert import a3_config_from_dense, a3_model_from_state_dict, to_a3_model  # noqa: E402,F401 (re-exported)
 
 
 def is_a3_model(model: object) -> bool:
@@ -72,10 +66,27 @@ def is_a3_model(model: object) -> bool:
     return getattr(config, "model_type", None) in A3_MODEL_TYPES
 
 
+def _modeling_module(model_type: str) -> ModuleType:
+    """The module that defines ``model_type``'s causal-LM class."""
+    return sys.modules[COMPRESSED_CLASSES[model_type][2].__module__]
+
+
 def remote_code_entry(model_type: str) -> tuple[str, str]:
     """``(modeling file stem, causal-LM class name)`` that a3q ships for ``model_type``."""
-    module, _, lm_name = _REMOTE_CODE[model_type]
-    return Path(module.__file__).stem, lm_name
+    return Path(_modeling_module(model_type).__file__).stem, COMPRESSED_CLASSES[model_type][2].__name__
+
+
+def remote_code_files(model_type: str) -> list[Path]:
+    """The modeling file of ``model_type`` and every sibling file it imports, transitively (relative imports)."""
+    folder = Path(_modeling_module(model_type).__file__).parent
+    pending, found = [Path(_modeling_module(model_type).__file__)], []
+    while pending:
+        path = pending.pop()
+        if path in found:
+            continue
+        found.append(path)
+        pending.extend(folder / f"{name}.py" for name in _RELATIVE_IMPORT.findall(path.read_text()))
+    return found
 
 
 def save_with_remote_code(model: PreTrainedModel, directory: str | Path, max_shard_size: int | str = "50GB") -> Path:
@@ -93,19 +104,16 @@ def save_with_remote_code(model: PreTrainedModel, directory: str | Path, max_sha
 
 def add_remote_code(model: PreTrainedModel, directory: Path, save) -> None:
     """Point ``model.config.auto_map`` at a3q's modeling file, run ``save()`` (which writes the config and weights
-    into ``directory``), then copy the modeling file and the helpers it imports next to them."""
+    into ``directory``), then copy the modeling file and the sibling files it imports next to them (the factored,
+    GPTQ and bitsandbytes-CPU linears, and a parent family's modeling file)."""
     model_type = getattr(model.config, "model_type", None)
-    if model_type not in _REMOTE_CODE:
+    if model_type not in A3_MODEL_TYPES:
         raise ValueError(f"save_with_remote_code expects an A3 model, got model_type={model_type!r}.")
-    module, config_name, lm_name = _REMOTE_CODE[model_type]
-    stem = Path(module.__file__).stem
+    stem, lm_name = remote_code_entry(model_type)
     model.config.auto_map = {
-        "AutoConfig": f"{stem}.{config_name}",
+        "AutoConfig": f"{stem}.{COMPRESSED_CLASSES[model_type][0].__name__}",
         "AutoModelForCausalLM": f"{stem}.{lm_name}",
     }
     save()
-    shutil.copyfile(module.__file__, directory / f"{stem}.py")
-    # the modeling file imports these (relative imports): factored and GPTQ linears rebuilt from config.a3q_factorized
-    # / config.a3q_gptq, and the exact CPU path for bitsandbytes 4-bit linears
-    for helper in (a3q_factored_linear, a3q_gptq_linear, a3q_bnb_cpu, *_REMOTE_CODE_DEPENDENCIES.get(model_type, ())):
-        shutil.copyfile(helper.__file__, directory / Path(helper.__file__).name)
+    for path in remote_code_files(model_type):
+        shutil.copyfile(path, directory / path.name)

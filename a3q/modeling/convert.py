@@ -13,8 +13,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from a3q.arch import FAMILIES, adapter, supported_model_types
-from a3q.modeling.modeling_a3q_gemma3 import A3Gemma3Attention
-from a3q.modeling.modeling_a3q_llama import A3LlamaAttention, rope_gather_index
+from a3q.modeling.modeling_a3q_llama import rope_gather_index
 
 __all__ = ["a3_config_from_dense", "a3_model_from_state_dict", "to_a3_model", "LLAMA_FAMILY", "GPT2_FAMILY"]
 
@@ -53,7 +52,7 @@ def _fill_meta_buffers(a3: nn.Module, device: torch.device, reference: nn.Module
         for leaf in meta:
             full = f"{mod_name}.{leaf}" if mod_name else leaf
             ref = ref_buffers.get(full)
-            if isinstance(module, (A3LlamaAttention, A3Gemma3Attention)) and leaf == "rope_index":
+            if leaf == "rope_index":  # every RoPE family's attention: kept pairs per KV group, from the config
                 value = rope_gather_index(module.config, module.layer_idx).to(device)
             elif leaf == "embed_scale" and hasattr(module, "scalar_embed_scale"):  # Gemma's sqrt(hidden) embedding scale
                 value = torch.tensor(module.scalar_embed_scale, device=device)

@@ -28,13 +28,13 @@ from transformers.models.gemma3.modeling_gemma3 import (
     Gemma3Attention,
     Gemma3DecoderLayer,
     Gemma3ForCausalLM,
-    Gemma3MLP,
     Gemma3PreTrainedModel,
     Gemma3RMSNorm,
     Gemma3RotaryEmbedding,
     Gemma3TextModel,
     Gemma3TextScaledWordEmbedding,
 )
+from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward as gemma3_eager_attention
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -42,7 +42,8 @@ from transformers.utils.output_capturing import capture_outputs
 from .a3q_bnb_cpu import bitsandbytes_cpu_hook
 from .a3q_factored_linear import replace_with_factored_linears
 from .a3q_gptq_linear import replace_with_gptq_linears
-from .modeling_a3q_llama import A3LlamaAttention, rope_gather_index
+from .a3q_layer_shapes import normalize_a3_shapes, rope_gather_index
+from .modeling_a3q_llama import A3LlamaAttention, A3LlamaMLP
 
 __all__ = ["A3Gemma3Config", "A3Gemma3Model", "A3Gemma3ForCausalLM"]
 
@@ -59,22 +60,7 @@ class A3Gemma3Config(Gemma3TextConfig):
 
     def __post_init__(self, **kwargs) -> None:
         super().__post_init__(**kwargs)
-        n, d = self.num_hidden_layers, self.head_dim
-        self.qk_head_dims = [int(r) for r in (self.qk_head_dims or [d] * n)]
-        self.vo_head_dims = [int(r) for r in (self.vo_head_dims or [d] * n)]
-        self.intermediate_sizes = [int(r) for r in (self.intermediate_sizes or [self.intermediate_size] * n)]
-        self.rope_pairs = [None if layer is None else [[int(p) for p in head] for head in layer]
-                           for layer in (self.rope_pairs or [None] * n)]
-        for name in ("qk_head_dims", "vo_head_dims", "intermediate_sizes", "rope_pairs"):
-            if len(getattr(self, name)) != n:
-                raise ValueError(f"{name} needs one entry per layer ({n}), got {getattr(self, name)}.")
-        for layer, (r_qk, pairs) in enumerate(zip(self.qk_head_dims, self.rope_pairs)):
-            if r_qk < 2 or r_qk > d or r_qk % 2 or (pairs is None) != (r_qk == d):
-                raise ValueError(f"layer {layer}: qk head dim {r_qk} must be even, in [2, {d}], with rope_pairs "
-                                 f"exactly when below head_dim.")
-            for head in pairs or []:
-                if len(head) != r_qk // 2 or head != sorted(set(head)) or not all(0 <= p < d // 2 for p in head):
-                    raise ValueError(f"layer {layer}: rope_pairs {head} must be {r_qk // 2} sorted pair indices.")
+        normalize_a3_shapes(self)
         if self.use_bidirectional_attention:
             raise ValueError("A3Gemma3Config supports causal attention only (use_bidirectional_attention=False).")
 
@@ -108,37 +94,20 @@ class A3Gemma3Attention(Gemma3Attention):
         self.natural_rope = config.rope_pairs[layer_idx] is None
         self.register_buffer("rope_index", rope_gather_index(config, layer_idx), persistent=False)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
+    forward = A3LlamaAttention.forward
+    eager_attention = staticmethod(gemma3_eager_attention)
 
+    def project_qkv(self, hidden_states):
+        """q, k, v as in :class:`A3LlamaAttention`, with the norm after the head transpose as Gemma3Attention does
+        it (bit-identical at full rank)."""
         input_shape = hidden_states.shape[:-1]
         q = self.q_norm(self.q_proj(hidden_states).view(*input_shape, -1, self.qk_head_dim).transpose(1, 2))
         k = self.k_norm(self.k_proj(hidden_states).view(*input_shape, -1, self.qk_head_dim).transpose(1, 2))
         v = self.v_proj(hidden_states).view(*input_shape, -1, self.vo_head_dim).transpose(1, 2)
-        q, k = self._apply_rope(q, k, *position_embeddings)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, weights = interface(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
-                                 scaling=self.scaling, sliding_window=self.sliding_window,
-                                 softcap=self.attn_logit_softcapping, **kwargs)
-        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+        return q, k, v
 
-
-class A3Gemma3MLP(Gemma3MLP):
-    """GeGLU MLP at this layer's intermediate size."""
-
-    def __init__(self, config: A3Gemma3Config, layer_idx: int) -> None:
-        nn.Module.__init__(self)
-        from transformers.activations import ACT2FN
-
-        self.config, self.hidden_size = config, config.hidden_size
-        self.intermediate_size = config.intermediate_sizes[layer_idx]
-        self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=False)
-        self.act_fn = ACT2FN[config.hidden_activation]
+    def attention_options(self) -> dict:
+        return {"sliding_window": self.sliding_window, "softcap": self.attn_logit_softcapping}
 
 
 class A3Gemma3DecoderLayer(Gemma3DecoderLayer):
@@ -149,7 +118,7 @@ class A3Gemma3DecoderLayer(Gemma3DecoderLayer):
         self.config, self.hidden_size, self.layer_idx = config, config.hidden_size, layer_idx
         self.layer_type = config.layer_types[layer_idx]
         self.self_attn = A3Gemma3Attention(config, layer_idx)
-        self.mlp = A3Gemma3MLP(config, layer_idx)
+        self.mlp = A3LlamaMLP(config, layer_idx)
         for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                      "post_feedforward_layernorm"):
             setattr(self, name, Gemma3RMSNorm(self.hidden_size, eps=config.rms_norm_eps))

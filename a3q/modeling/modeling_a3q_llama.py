@@ -26,8 +26,10 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import (
@@ -40,9 +42,13 @@ from transformers.models.llama.modeling_llama import (
     rotate_half,
 )
 
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
 from .a3q_bnb_cpu import bitsandbytes_cpu_hook
 from .a3q_factored_linear import replace_with_factored_linears
 from .a3q_gptq_linear import replace_with_gptq_linears
+from .a3q_layer_shapes import normalize_a3_shapes, rope_gather_index
 
 __all__ = [
     "A3LlamaConfig",
@@ -52,14 +58,19 @@ __all__ = [
     "A3LlamaPreTrainedModel",
     "A3LlamaModel",
     "A3LlamaForCausalLM",
+    "normalize_a3_shapes",
     "rope_gather_index",
 ]
+
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
+
 
 class A3LlamaConfig(LlamaConfig):
     """Llama config plus per-layer A³ shapes. Every extra field defaults to the dense model.
 
     ``head_dim`` stays the ORIGINAL head dim: the rotary embedding still produces full-size cos/sin, from which each
-    layer gathers its kept frequencies.
+    layer gathers its kept frequencies. ``sliding_window`` and ``layer_types`` carry Mistral's and Qwen2's sliding
+    windows (and Phi-3's): without ``layer_types``, every layer slides when ``sliding_window`` is set.
     """
 
     model_type = "a3q_llama"
@@ -72,68 +83,22 @@ class A3LlamaConfig(LlamaConfig):
     attention_scale: float | None = None
     qkv_bias: bool | None = None
     o_bias: bool | None = None
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs) -> None:
         super().__post_init__(**kwargs)
-        n_layers, d = self.num_hidden_layers, self.head_dim
-        self.qk_head_dims = [int(r) for r in (self.qk_head_dims or [d] * n_layers)]
-        self.vo_head_dims = [int(r) for r in (self.vo_head_dims or [d] * n_layers)]
-        self.intermediate_sizes = [int(r) for r in (self.intermediate_sizes or [self.intermediate_size] * n_layers)]
-        self.rope_pairs = [
-            None if layer is None else [[int(p) for p in head] for head in layer]
-            for layer in (self.rope_pairs or [None] * n_layers)
-        ]
-        self.attention_scale = float(d**-0.5 if self.attention_scale is None else self.attention_scale)
+        normalize_a3_shapes(self)
+        self.attention_scale = float(self.head_dim**-0.5 if self.attention_scale is None else self.attention_scale)
         self.qkv_bias = bool(self.attention_bias if self.qkv_bias is None else self.qkv_bias)
         self.o_bias = bool(self.attention_bias if self.o_bias is None else self.o_bias)
-        self._validate_a3()
-
-    def _validate_a3(self) -> None:
-        """Fail at config time (not deep inside a forward) on inconsistent shapes."""
-        n_layers, d, h, h_kv = self.num_hidden_layers, self.head_dim, self.num_attention_heads, self.num_key_value_heads
-        if h % h_kv or d % 2:
-            raise ValueError(f"need heads ({h}) divisible by KV heads ({h_kv}) and an even head_dim ({d}).")
-        for name in ("qk_head_dims", "vo_head_dims", "intermediate_sizes", "rope_pairs"):
-            if len(getattr(self, name)) != n_layers:
-                raise ValueError(f"{name} needs one entry per layer ({n_layers}), got {getattr(self, name)}.")
-        for l, (r_qk, r_vo, r_ff, pairs) in enumerate(
-            zip(self.qk_head_dims, self.vo_head_dims, self.intermediate_sizes, self.rope_pairs)
-        ):
-            if r_qk < 2 or r_qk > d or r_qk % 2:
-                raise ValueError(f"layer {l}: qk head dim {r_qk} must be even and in [2, head_dim={d}].")
-            if r_vo < 1 or r_ff < 1:
-                raise ValueError(f"layer {l}: vo head dim ({r_vo}) and intermediate size ({r_ff}) must be >= 1.")
-            if pairs is None and r_qk != d:
-                raise ValueError(f"layer {l}: qk head dim {r_qk} < head_dim {d} requires rope_pairs[{l}].")
-            if pairs is not None and len(pairs) != h_kv:
-                raise ValueError(f"layer {l}: rope_pairs needs one list per KV head ({h_kv}), got {len(pairs)}.")
-            for j, head in enumerate(pairs or []):
-                if len(head) != r_qk // 2 or any(not 0 <= p < d // 2 for p in head) or head != sorted(set(head)):
-                    raise ValueError(
-                        f"layer {l}, KV head {j}: rope_pairs must be {r_qk // 2} sorted distinct pair indices in "
-                        f"[0, {d // 2}), got {head}."
-                    )
-        if getattr(self, "sliding_window", None) is not None or any(
-            t != "full_attention" for t in (getattr(self, "layer_types", None) or [])
-        ):
-            raise ValueError(
-                "A3LlamaConfig does not support sliding-window attention (sliding_window / layer_types): the "
-                "compressed model would silently attend over the full context instead."
-            )
-
-
-def rope_gather_index(config: A3LlamaConfig, layer_idx: int) -> torch.Tensor:
-    """Columns of the full-size cos/sin that each KV group of ``layer_idx`` uses: ``[h_kv, r_qk]`` (int64).
-
-    Row j is ``cat(pairs_j, pairs_j + head_dim // 2)``, matching the within-head coordinate order of q/k rows.
-    """
-    d, h_kv = config.head_dim, config.num_key_value_heads
-    pairs = config.rope_pairs[layer_idx]
-    if pairs is None:
-        p = torch.arange(d // 2, dtype=torch.long).expand(h_kv, d // 2)
-    else:
-        p = torch.tensor(pairs, dtype=torch.long).reshape(h_kv, -1)
-    return torch.cat([p, p + d // 2], dim=-1).contiguous()
+        default_type = "sliding_attention" if self.sliding_window is not None else "full_attention"
+        self.layer_types = list(self.layer_types or [default_type] * self.num_hidden_layers)
+        if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(ATTENTION_TYPES):
+            raise ValueError(f"layer_types needs one of {ATTENTION_TYPES} per layer ({self.num_hidden_layers}), "
+                             f"got {self.layer_types}.")
+        if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) >= 1:
+            raise ValueError(f"sliding_attention layers need a sliding_window >= 1, got {self.sliding_window}.")
 
 
 class A3LlamaAttention(nn.Module):
@@ -152,6 +117,8 @@ class A3LlamaAttention(nn.Module):
         self.scaling = config.attention_scale
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
+        # the window reaches the attention kernel too (flash attention); eager/sdpa get it through the layer's mask
+        self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
         # None = dense RoPE layout: apply cos/sin as is (bit-identical to HF, no gather)
         self.natural_rope = config.rope_pairs[layer_idx] is None
 
@@ -180,6 +147,23 @@ class A3LlamaAttention(nn.Module):
         qg = qg * cos_k.unsqueeze(2) + rotate_half(qg) * sin_k.unsqueeze(2)
         return qg.reshape(b, h, s, r), k
 
+    #: the eager kernel when no other attention implementation is configured (families with logit soft-capping
+    #: bring their own)
+    eager_attention = staticmethod(eager_attention_forward)
+
+    def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[b, h, s, r_qk]``, k ``[b, h_kv, s, r_qk]``, v ``[b, h_kv, s, r_vo]`` before RoPE (families with q/k
+        norms override this)."""
+        input_shape = hidden_states.shape[:-1]
+        q = self.q_proj(hidden_states).view(*input_shape, -1, self.qk_head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(*input_shape, -1, self.qk_head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(*input_shape, -1, self.vo_head_dim).transpose(1, 2)
+        return q, k, v
+
+    def attention_options(self) -> dict:
+        """Extra keyword arguments for the attention kernel (the sliding window; Gemma adds soft-capping)."""
+        return {"sliding_window": self.sliding_window}
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -189,10 +173,7 @@ class A3LlamaAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
-        q = self.q_proj(hidden_states).view(*input_shape, -1, self.qk_head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(*input_shape, -1, self.qk_head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(*input_shape, -1, self.vo_head_dim).transpose(1, 2)
-
+        q, k, v = self.project_qkv(hidden_states)
         cos, sin = position_embeddings
         q, k = self._apply_rope(q, k, cos, sin)
 
@@ -201,7 +182,7 @@ class A3LlamaAttention(nn.Module):
             k, v = past_key_values.update(k, v, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+            self.config._attn_implementation, self.eager_attention
         )
         attn_output, attn_weights = attention_interface(
             self,
@@ -211,6 +192,7 @@ class A3LlamaAttention(nn.Module):
             attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
+            **self.attention_options(),
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
@@ -218,16 +200,18 @@ class A3LlamaAttention(nn.Module):
 
 
 class A3LlamaMLP(nn.Module):
-    """Gated MLP (LlamaMLP names) with this layer's intermediate size."""
+    """Gated MLP (LlamaMLP names) with this layer's intermediate size: SwiGLU, or GeGLU for the Gemma families (their
+    configs name the activation ``hidden_activation`` and have no MLP biases; the forward is the same)."""
 
     def __init__(self, config: A3LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.hidden_size = config.hidden_size
         self.intermediate_size = config.intermediate_sizes[layer_idx]
-        self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.mlp_bias)
-        self.act_fn = ACT2FN[config.hidden_act]
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=bias)
+        self.act_fn = ACT2FN[getattr(config, "hidden_activation", None) or config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
@@ -241,6 +225,7 @@ class A3LlamaDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: A3LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.hidden_size = config.hidden_size
+        self.attention_type = config.layer_types[layer_idx]
         self.self_attn = self.attention_class(config=config, layer_idx=layer_idx)
         self.mlp = A3LlamaMLP(config, layer_idx)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -256,6 +241,8 @@ class A3LlamaDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        if isinstance(attention_mask, dict):  # the model passes one mask per attention type; this layer's is its own
+            attention_mask = attention_mask[self.attention_type]
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
@@ -290,7 +277,8 @@ class A3LlamaPreTrainedModel(LlamaPreTrainedModel):
 
 
 class A3LlamaModel(A3LlamaPreTrainedModel, LlamaModel):
-    """LlamaModel whose layers have per-layer shapes; forward (masks, rotary, cache) is LlamaModel's."""
+    """LlamaModel whose layers have per-layer shapes; forward is LlamaModel's plus a sliding-window mask for the
+    layers that slide (Mistral, Qwen2 with ``use_sliding_window``, Phi-3)."""
 
     decoder_layer_class = A3LlamaDecoderLayer
 
@@ -305,6 +293,34 @@ class A3LlamaModel(A3LlamaPreTrainedModel, LlamaModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
+                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)  # sliding layers keep only their window
+        if position_ids is None:
+            seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + seen).unsqueeze(0)
+        mask = attention_mask
+        if not isinstance(mask, dict):
+            mask_kwargs = {"config": self.config, "inputs_embeds": inputs_embeds, "attention_mask": attention_mask,
+                           "past_key_values": past_key_values, "position_ids": position_ids}
+            mask = create_causal_mask(**mask_kwargs)
+            if "sliding_attention" in self.config.layer_types:  # one mask per attention type; each layer picks its own
+                mask = {"full_attention": mask, "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(hidden_states, attention_mask=mask, position_embeddings=position_embeddings,
+                                          position_ids=position_ids, past_key_values=past_key_values,
+                                          use_cache=use_cache, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
 
 class A3LlamaForCausalLM(A3LlamaPreTrainedModel, LlamaForCausalLM):
     """Causal LM head over A3LlamaModel; forward, generation and weight tying are LlamaForCausalLM's."""

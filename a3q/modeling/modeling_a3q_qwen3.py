@@ -6,7 +6,7 @@ q/k projections before RoPE. In the compressed class they have ``r_qk`` weights:
 coordinates, and ``a3q.stages.a3.qk_norm`` rescales their weights so the expected norm is preserved.
 
 Everything else (per-layer shapes, kept RoPE pairs per KV group in ``config.rope_pairs``, the original softmax
-scale ``head_dim ** -0.5``, the refusal of an active sliding window) is ``modeling_a3q_llama``'s. Self-contained
+scale ``head_dim ** -0.5``, sliding-window layers) is ``modeling_a3q_llama``'s. Self-contained
 (torch + transformers + the sibling files): it is copied next to exported weights for ``trust_remote_code``.
 """
 
@@ -37,22 +37,14 @@ class A3Qwen3Attention(A3LlamaAttention):
         self.q_norm = Qwen3RMSNorm(self.qk_head_dim, eps=config.rms_norm_eps)
         self.k_norm = Qwen3RMSNorm(self.qk_head_dim, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.qwen3.modeling_qwen3 import eager_attention_forward
-
+    def project_qkv(self, hidden_states):
+        """q, k, v as in :class:`A3LlamaAttention`, with the norm before the head transpose as Qwen3Attention does
+        it (bit-identical at full rank)."""
         input_shape = hidden_states.shape[:-1]
-        # the norm before the head transpose, as Qwen3Attention does it (bit-identical at full rank)
         q = self.q_norm(self.q_proj(hidden_states).view(*input_shape, -1, self.qk_head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(hidden_states).view(*input_shape, -1, self.qk_head_dim)).transpose(1, 2)
         v = self.v_proj(hidden_states).view(*input_shape, -1, self.vo_head_dim).transpose(1, 2)
-        q, k = self._apply_rope(q, k, *position_embeddings)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, weights = interface(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
-                                 scaling=self.scaling, **kwargs)
-        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+        return q, k, v
 
 
 class A3Qwen3DecoderLayer(A3LlamaDecoderLayer):

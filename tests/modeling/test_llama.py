@@ -21,7 +21,6 @@ from transformers import (
 )
 
 from a3q.modeling.auto import (
-    A3LlamaConfig,
     A3LlamaForCausalLM,
     a3_config_from_dense,
     a3_model_from_state_dict,
@@ -326,17 +325,6 @@ def test_save_with_remote_code_roundtrip(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------- refusals and validation
-
-
-def test_active_sliding_window_is_refused() -> None:
-    cfg = MistralConfig(vocab_size=V, hidden_size=D_M, intermediate_size=FF, num_hidden_layers=L,
-                        num_attention_heads=H, num_key_value_heads=H_KV, max_position_embeddings=256, sliding_window=32)
-    with pytest.raises(ValueError, match="sliding window"):
-        to_a3_model(MistralForCausalLM(cfg))
-    cfg.sliding_window = 4096  # never reached within max_position_embeddings: inactive, accepted
-    assert isinstance(to_a3_model(MistralForCausalLM(cfg)), A3LlamaForCausalLM)
-    with pytest.raises(ValueError, match="sliding-window"):
-        A3LlamaConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4, sliding_window=16)
 
 
 @pytest.mark.parametrize(
