@@ -36,7 +36,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def run(
     recipe: Path = typer.Argument(..., help="recipe YAML/JSON file"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for report.json (default: the recipe's output)"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in OUT/checkpoint"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in OUT/checkpoint (with any "
+                                "--nproc: a checkpoint does not depend on the number of processes)"),
     restart: bool = typer.Option(False, "--restart", help="discard OUT/checkpoint and start over"),
     keep_checkpoint: bool = typer.Option(False, "--keep-checkpoint", help="keep OUT/checkpoint after success"),
     nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel calibration in N processes on this machine "
@@ -46,7 +47,8 @@ def run(
 
     The run checkpoints into OUT/checkpoint (recipe fields checkpoint_every / checkpoint_minutes); SIGINT or SIGTERM
     stop it after the current layer with a checkpoint, and --resume continues it. With --nproc N ≥ 2 (or under
-    torchrun) the calibration is data-parallel and checkpoints are off (docs/distributed.md).
+    torchrun) the calibration is data-parallel; rank 0 writes the checkpoints and every rank resumes from them
+    (docs/distributed.md).
     """
     from a3q.checkpoint.run import CheckpointRefused
     from a3q.checkpoint.stops import RunStopped
@@ -70,8 +72,11 @@ def run(
         _fail(str(exc))
     except RunStopped as exc:
         where = out if out is not None else parsed.output or "out/run"
-        hint = f"; resume with: a3q run {recipe} --out {where} --resume" if exc.resumable else ""
-        Console(stderr=True).print(f"[bold yellow]stopped:[/] {exc}{hint}", markup=True, highlight=False)
+        world = os.environ.get("WORLD_SIZE", "1")
+        processes = f" --nproc {world}" if world not in ("", "1") else ""
+        hint = f"; resume with: a3q run {recipe} --out {where}{processes} --resume" if exc.resumable else ""
+        if os.environ.get("RANK", "0") == "0":  # a distributed run: rank 0 speaks for every rank
+            Console(stderr=True).print(f"[bold yellow]stopped:[/] {exc}{hint}", markup=True, highlight=False)
         raise typer.Exit(code=exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted; report.json says how far the run got")
@@ -84,20 +89,28 @@ def _launch(recipe: Path, out: Optional[Path], parsed, nproc: int, resume: bool,
     """``a3q run RECIPE --nproc N``: the same command in N processes through torch.distributed.run (torchrun)."""
     from a3q import distributed
 
-    if resume:
-        _fail(f"--resume: a distributed run ({nproc} processes) writes no checkpoints and cannot resume one")
     where = Path(out if out is not None else parsed.output or "out/run").resolve()
     args = ["a3q.cli", "run", str(recipe), "--out", str(where)]
-    args += ["--restart"] * restart + ["--keep-checkpoint"] * keep_checkpoint
+    args += ["--resume"] * resume + ["--restart"] * restart + ["--keep-checkpoint"] * keep_checkpoint
     try:
         distributed.launch(nproc, args)
     except Exception as exc:  # torchrun's ChildFailedError names the ranks that failed
         ranks = distributed.failed_ranks(exc)
-        _note_failure(where / "report.json", f"distributed run failed: {ranks}")
         codes = {failure.exitcode for failure in getattr(exc, "failures", {}).values()}
+        stop_codes = {code for code in codes if code in (130, 143)}
+        if stop_codes and _report_status(where / "report.json") == "stopped":  # rank 0 said how to resume
+            raise typer.Exit(code=min(stop_codes))
+        _note_failure(where / "report.json", f"distributed run failed: {ranks}")
         Console(stderr=True).print(f"[bold red]error:[/] distributed run ({nproc} processes) failed: {ranks}; "
                                    "the failing ranks' errors are printed above", markup=True, highlight=False)
         raise typer.Exit(code=2 if codes == {2} else 1)
+
+
+def _report_status(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _note_failure(path: Path, message: str) -> None:

@@ -10,6 +10,10 @@ all windows and computes the same decomposition. :func:`check_identical` verifie
 With one process (no ``WORLD_SIZE`` > 1 in the environment) every function here is a no-op: :func:`world_size` is 1,
 :func:`all_reduce_sum` returns its input, :func:`shard` returns every window.
 
+Windows are shared in whole batches (:func:`batch_ranges`), the batches a one-process run would form, so every rank
+runs exactly the one-process run's GEMMs and the ranks' statistics differ from one process's only in the order
+they are summed.
+
 Backend: gloo on CPU, nccl when the run's device is a GPU (``device: auto`` → ``cuda:LOCAL_RANK``). Every collective
 has a timeout (``A3Q_COLLECTIVE_TIMEOUT_S``, default 1800 s), so a rank that hangs ends the run with an error instead
 of a silent wait; a rank that dies is reported by torchrun's elastic agent, which stops the others.
@@ -160,21 +164,48 @@ def reduce_together(tensors: Sequence[Tensor], reduce: Callable[[Tensor], Tensor
     return out
 
 
-def shard(windows: Tensor, world: int | None = None, index: int | None = None, allow_empty: bool = False) -> Tensor:
-    """This rank's contiguous share of ``windows`` ([n, seq_len]): ``torch.tensor_split`` into ``world`` parts, the
-    first ``n % world`` ranks get one window more. One process: every window.
+def batch_ranges(count: int, batch_size: int, world: int) -> list[tuple[int, int]]:
+    """Each rank's windows ``[start, stop)`` when ``count`` windows are cut into batches of ``batch_size`` (as one
+    process cuts them: ``[0, b)``, ``[b, 2b)``…) and the batches are split contiguously over ``world`` ranks (the
+    first ``batches % world`` ranks get one batch more). A rank may get none (``start == stop``).
 
-    Raises :class:`DistributedError` when a rank would get no window (unless ``allow_empty``).
+    Why whole batches: a CPU GEMM's float32 result depends on the batch shape, so ranks that ran other batches than
+    the one-process run would see activations that differ in the last bits, and GPTQ turns those into other codes.
+    With the same batches, each rank runs exactly the one-process run's GEMMs.
+    """
+    if batch_size < 1 or world < 1:
+        raise ValueError(f"batch_size and world must be positive, got {batch_size} and {world}")
+    batches = -(-count // batch_size)
+    per_rank, extra = divmod(batches, world)
+    ranges, first = [], 0
+    for index in range(world):
+        last = first + per_rank + (1 if index < extra else 0)
+        ranges.append((min(first * batch_size, count), min(last * batch_size, count)))
+        first = last
+    return ranges
+
+
+def shard(windows: Tensor, batch_size: int = 1, world: int | None = None, index: int | None = None,
+          allow_empty: bool = False) -> Tensor:
+    """This rank's contiguous share of ``windows`` ([n, seq_len]) in whole batches of ``batch_size`` windows
+    (:func:`batch_ranges`): batching the share from its start gives exactly the one-process run's batches. One
+    process: every window.
+
+    Raises :class:`DistributedError` when a rank would get no batch (unless ``allow_empty``).
     """
     world = world_size() if world is None else world
     index = rank() if index is None else index
     if world <= 1:
         return windows
     count = windows.shape[0]
-    if count < world and not allow_empty:
-        raise DistributedError(f"{count} calibration window(s) cannot be shared by {world} processes: every rank "
-                               f"needs at least one (set calibration.windows ≥ {world} or run fewer processes)")
-    return torch.tensor_split(windows, world)[index]
+    batches = -(-count // batch_size)
+    if batches < world and not allow_empty:
+        raise DistributedError(
+            f"{count} calibration window(s) in batches of {batch_size} make {batches} batch(es), too few for {world} "
+            f"processes: every rank needs at least one whole batch (set calibration.windows ≥ "
+            f"{(world - 1) * batch_size + 1}, a smaller batch_size, or run fewer processes)")
+    start, stop = batch_ranges(count, batch_size, world)[index]
+    return windows[start:stop]
 
 
 def barrier() -> None:
@@ -288,5 +319,5 @@ def failed_ranks(error: BaseException) -> str:
     failures = getattr(error, "failures", None)
     if not failures:
         return str(error)
-    return ", ".join(f"rank {failure.rank} (exit code {failure.exitcode})"
-                     for failure in sorted(failures.values(), key=lambda f: f.rank))
+    # keyed by global rank (a ProcessFailure itself knows only its local_rank)
+    return ", ".join(f"rank {rank} (exit code {failure.exitcode})" for rank, failure in sorted(failures.items()))

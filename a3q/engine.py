@@ -53,12 +53,12 @@ class CalibrationWindows:
     """The recipe's calibration windows, cut once per run (with the model's tokenizer) and shared by every pass.
 
     In a data-parallel run every process cuts the same windows (same text, same seed; checked across processes) and
-    the pipeline gives each its share (:func:`a3q.distributed.shard`); the probes of global allocation use the
-    windows unsharded.
+    the pipeline gives each its share in whole batches (:func:`a3q.distributed.shard`); the probes of global
+    allocation use the windows unsharded.
     """
 
-    def __init__(self, recipe: Recipe) -> None:
-        self.recipe = recipe
+    def __init__(self, recipe: Recipe, batch_size: int = 1) -> None:
+        self.recipe, self.batch_size = recipe, batch_size  # the largest batch of any pass: the fewest batches
         self._windows: torch.Tensor | None = None
 
     def get(self, graph: ModelGraph) -> torch.Tensor:
@@ -66,7 +66,9 @@ class CalibrationWindows:
             cal = self.recipe.calibration
             self._windows = random_windows(graph.tokenizer, cal.source(), cal.seq_len, cal.windows, cal.seed)
             distributed.check_same_everywhere(self._windows, "the calibration windows")
-            distributed.shard(self._windows)  # fails early, naming windows and processes, if some rank gets none
+            # fails early (before the first pass), naming windows, batch size and processes, if some rank would get
+            # no whole batch in some pass
+            distributed.shard(self._windows, self.batch_size)
         return self._windows
 
 
@@ -93,7 +95,7 @@ def run_recipe(
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel (:mod:`a3q.distributed`): every process loads
     the model and observes its share of the calibration windows, statistics are summed across processes, and only
-    rank 0 writes ``report.json`` and artifacts; checkpoints are off and ``resume`` is refused.
+    rank 0 writes ``report.json``, checkpoints and artifacts; ``resume`` reads the checkpoint on every rank.
     """
     world = distributed.env_world_size()
     joined = distributed.init(distributed.rank_device(recipe.device))
@@ -114,9 +116,15 @@ def distributed_problems(recipe: Recipe, world: int) -> list[str]:
     """What a data-parallel run of ``recipe`` cannot do (checked before the model loads)."""
     if world <= 1:
         return []
-    return [f"stages[{spec.index}] ({spec.name}): training stages do not run data-parallel yet ({world} processes "
-            "would each train their own copy); run this recipe with one process" for spec in recipe.stages
-            if type(spec.config).trains]
+    problems = []
+    for spec in (spec for spec in recipe.stages if type(spec.config).trains):
+        check = getattr(spec.config, "data_parallel_problem", None)  # a training stage that runs under DDP (lora)
+        problem = check(world) if check is not None else (
+            f"training stages do not run data-parallel yet ({world} processes would each train their own copy); run "
+            "this recipe with one process")
+        if problem:
+            problems.append(f"stages[{spec.index}] ({spec.name}): {problem}")
+    return problems
 
 
 def _run_recipe(recipe: Recipe, output_dir: str | Path | None, console: Console | None, show_table: bool,
@@ -147,8 +155,10 @@ def _run_recipe(recipe: Recipe, output_dir: str | Path | None, console: Console 
         message = str(exc) if "checkpoint" in str(exc) else f"stopped by {exc.signal_name} {where}" + (
             f"; the last checkpoint ({_position_of(checkpoint)}) is in '{checkpoint.folder.root}'" if resumable else "")
         fail(message, exc, status="stopped")
+        if exc.agreed:  # every rank stopped here: none may exit (and have the launcher end the others) before rank 0
+            distributed.barrier()  # has written its checkpoint and report.json
         result = RunStopped(exc.signal_name, message)
-        result.resumable = resumable
+        result.resumable, result.agreed = resumable, exc.agreed
         return result
 
     with StopSignals() as stops:
@@ -211,9 +221,9 @@ def _run_recipe(recipe: Recipe, output_dir: str | Path | None, console: Console 
 def _run_groups(recipe: Recipe, graph: ModelGraph, out: Path, report: Report, checkpoint: RunCheckpoint,
                 console: Console, fail: Callable[..., None], stopped: Callable[..., RunStopped]) -> ModelGraph:
     """Run the recipe's stage groups from the checkpoint's next one: one pipeline pass each, a report row per stage."""
-    calibration = CalibrationWindows(recipe)
     contexts = {spec.index: StageContext(recipe, spec, out, report) for spec in recipe.stages}
     workers = [get_stage(spec.name).build(spec.config, contexts[spec.index]) for spec in recipe.stages]
+    calibration = CalibrationWindows(recipe, max((w.batch_size for w in workers if w.calibrates()), default=1))
     spec_of = {id(worker): spec for worker, spec in zip(workers, recipe.stages)}
     groups = plan_groups(workers)
     for group_index, group in enumerate(groups):

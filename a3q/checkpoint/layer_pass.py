@@ -6,6 +6,9 @@ the model config (per-layer sizes), the RNG states, the windows' digest and the 
 back into a model that went through the stages' ``begin`` again, so the resumed pass computes exactly what the
 uninterrupted one would have. The run-level side (which folder, which recipe, group checkpoints) is
 :mod:`a3q.checkpoint.run`.
+
+In a data-parallel run every rank calls the same methods at the same layers; rank 0 collects the other ranks' batches
+of inputs and alone writes, and each rank restores its own batches (:mod:`a3q.checkpoint.ranks`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from a3q import distributed
 from a3q.checkpoint.layers import restore_layer, save_layer
+from a3q.checkpoint.ranks import agree, batches_of_rank, gather_batches
 from a3q.checkpoint.state import join_tensors, map_tensors, rng_state, set_rng_state, split_tensors
 from a3q.checkpoint.stops import RunStopped, injected_stop
 from a3q.checkpoint.store import CheckpointError, read_tensors, write_tensors
@@ -47,6 +52,7 @@ class PassCheckpoint:
         self.layers: dict[str, Any] = dict(saved["layers"]) if saved else {}
         self.since_layers, self.since = 0, time.monotonic()
         self.windows_sha256: str | None = None
+        self.window_count, self.batch_size = 0, 1
 
     def deferring_stops(self):
         return self.run.stops.deferred()
@@ -78,15 +84,30 @@ class PassCheckpoint:
         for stage, stage_state in zip(stages, state["stages"]):
             stage.load_state_dict(map_tensors(stage_state, to_model))
         set_rng_state(state["rng"])
-        return Resumed(next_layer=self.saved["next_layer"], hidden=map_tensors(state["hidden"], to_model))
+        return Resumed(next_layer=self.saved["next_layer"], hidden=self._my_batches(state["hidden"], to_model))
 
-    def bind(self, windows: Tensor) -> None:
-        """The pass's calibration windows: a resume must see the same ones (the text may have changed)."""
+    def _my_batches(self, hidden: dict[str, list[Tensor]], to_model: Any) -> dict[str, list[Tensor]]:
+        """This rank's batches of the saved inputs (all batches, in the one-process order, whatever the number of
+        processes that saved them), on the model's device."""
+        batches = -(-self.window_count // self.batch_size)
+        for name, saved in hidden.items():
+            if len(saved) != batches:
+                raise CheckpointError(f"--resume: the checkpoint holds the inputs of {len(saved)} batch(es) for "
+                                      f"{name}, this pass has {batches} ({self.window_count} windows in batches of "
+                                      f"{self.batch_size}); --restart starts over")
+        mine = batches_of_rank(self.window_count, self.batch_size, distributed.world_size(), distributed.rank())
+        return map_tensors({name: saved[mine] for name, saved in hidden.items()}, to_model)
+
+    def bind(self, windows: Tensor, batch_size: int = 1) -> None:
+        """The pass's calibration windows (all of them, unsharded) and batch size: a resume must see the same
+        windows (the text may have changed), and they say which batches of saved inputs belong to which rank."""
         self.windows_sha256 = hashlib.sha256(windows.cpu().to(torch.int64).numpy().tobytes()).hexdigest()
+        self.window_count, self.batch_size = windows.shape[0], batch_size
 
     def after_plan(self, graph: ModelGraph, stages: list[CalibratingStage], hidden: dict[str, list[Tensor]]) -> None:
         """After planning stages planned (before layer 0): their plans are costly to repeat."""
         injected_stop(f"group{self.group}.plan", after_checkpoint=False)
+        self.run.stops.requested = agree(False, self.run.stops.requested)[1]
         if self.run.enabled:
             self._save(graph, -1, stages, hidden)
         injected_stop(f"group{self.group}.plan", after_checkpoint=True)
@@ -101,6 +122,7 @@ class PassCheckpoint:
         recipe = self.run.recipe
         due = (recipe.checkpoint_every > 0 and self.since_layers >= recipe.checkpoint_every) or (
             recipe.checkpoint_minutes is not None and time.monotonic() - self.since >= 60 * recipe.checkpoint_minutes)
+        due, self.run.stops.requested = agree(due, self.run.stops.requested)  # the same on every rank
         if self.run.enabled and (due or self.run.stops.requested):
             self._save(graph, index, stages, hidden)
             injected_stop(point, after_checkpoint=True)
@@ -112,11 +134,17 @@ class PassCheckpoint:
             return
         where = "after planning" if index < 0 else f"after layer {index}"
         saved = f"; checkpoint in '{self.run.folder.root}'" if self.run.enabled else " (checkpoints are off)"
-        raise RunStopped(name, f"stopped by {name} {where} of {self.label}{saved}")
+        stopped = RunStopped(name, f"stopped by {name} {where} of {self.label}{saved}")
+        stopped.agreed = distributed.world_size() > 1  # every rank stops here (see a3q.checkpoint.ranks.agree)
+        raise stopped
 
     def _save(self, graph: ModelGraph, index: int, stages: list[CalibratingStage],
               hidden: dict[str, list[Tensor]]) -> None:
         started = time.perf_counter()
+        hidden = gather_batches(hidden, self.window_count, self.batch_size)  # rank 0: every rank's batches
+        if not self.run.owner:  # ranks ≠ 0 of a distributed run never write
+            self.since_layers, self.since = 0, time.monotonic()
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         self.run.folder.create()
         for layer in range(len(self.layers), index + 1):

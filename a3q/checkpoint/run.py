@@ -5,7 +5,8 @@ when recipe and model match, ``--restart`` discards it, and without either an un
 overwritten). The engine asks it for a :class:`PassCheckpoint` per pipeline pass and calls :meth:`group_done` after
 each group; the model after a group is stored as an a3q artifact (sealed, verified when it is loaded back), in a
 new folder per group that the manifest names only once it is complete. Checkpoints inside a pass:
-:mod:`a3q.checkpoint.layer_pass`.
+:mod:`a3q.checkpoint.layer_pass`. In a data-parallel run rank 0 alone writes and removes; every rank reads the
+checkpoint it resumes from (:mod:`a3q.checkpoint.ranks`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from a3q import distributed
 from a3q.checkpoint.layer_pass import PassCheckpoint
+from a3q.checkpoint.ranks import agree
 from a3q.checkpoint.stops import RunStopped, StopSignals, injected_stop
 from a3q.checkpoint.store import CheckpointFolder, model_fingerprint, recipe_differences, recipe_identity
 
@@ -38,36 +41,19 @@ class RunCheckpoint:
         self.writes, self.seconds, self.bytes_written = 0, 0.0, 0
         self.resumed_from = self.saved.get("position") if manifest else None
         self.enabled = recipe.checkpoint_every > 0 or recipe.checkpoint_minutes is not None
-        self.owner = True  # False: a non-zero rank of a distributed run, which never touches the folder
-        self.off_reason: str | None = None
-
-    @classmethod
-    def disabled(cls, folder: CheckpointFolder, recipe: Recipe, stops: StopSignals, world_size: int) -> RunCheckpoint:
-        """A checkpoint that never writes, reads or removes anything (ranks ≠ 0 of a distributed run)."""
-        checkpoint = cls(folder, recipe, "", stops, None)
-        checkpoint.enabled, checkpoint.owner = False, False
-        checkpoint.off_reason = f"off: distributed run ({world_size} processes)"
-        return checkpoint
+        self.owner = True  # False: a rank ≠ 0 of a distributed run, which reads a checkpoint to resume, never writes
 
     @classmethod
     def open(cls, out: Path, recipe: Recipe, model_folder: Path, resume: bool, restart: bool,
              stops: StopSignals, world_size: int = 1, rank: int = 0) -> RunCheckpoint:
         """Check what ``OUT/checkpoint`` holds against the request, before the model loads.
 
-        A data-parallel run (``world_size`` > 1) writes no checkpoints at all and cannot resume: rank 0 still checks
-        and clears the folder as a one-process run does; the other ranks never touch it.
+        A data-parallel run (``world_size`` > 1) checkpoints as one process does, through rank 0 alone: with
+        ``resume`` every rank reads and checks the same checkpoint (read-only on ranks ≠ 0); without it, only rank 0
+        looks at the folder (it refuses an unfinished checkpoint, or clears a finished one). Nothing of the number
+        of processes goes into a checkpoint, so one written by N processes resumes with any other number.
         """
         folder = CheckpointFolder(out / "checkpoint")
-        if world_size > 1:
-            if resume:
-                raise CheckpointRefused(f"--resume: a distributed run ({world_size} processes) writes no checkpoints "
-                                        "and cannot resume one; resume with one process, or --restart")
-            if rank != 0:
-                return cls.disabled(folder, recipe, stops, world_size)
-            checkpoint = cls.open(out, recipe, model_folder, False, restart, stops)
-            checkpoint.enabled = False
-            checkpoint.off_reason = f"off: distributed run ({world_size} processes)"
-            return checkpoint
         fingerprint = model_fingerprint(model_folder)
         manifest = None
         if resume:
@@ -82,12 +68,14 @@ class RunCheckpoint:
                 raise CheckpointRefused(f"--resume: model '{recipe.model}' ({model_folder}) is not the model the "
                                         f"checkpoint was made from ('{manifest['model']}'): its config or weight files "
                                         "differ (--restart starts over)")
-        elif folder.root.exists():
+        elif rank == 0 and folder.root.exists():
             if folder.exists() and not restart and not _complete(folder):
                 raise CheckpointRefused(f"'{out}' holds the checkpoint of an unfinished run "
                                         f"({_position(folder)}): --resume continues it, --restart discards it")
             folder.remove()  # refuses a folder a3q did not make
-        return cls(folder, recipe, fingerprint, stops, manifest)
+        checkpoint = cls(folder, recipe, fingerprint, stops, manifest)
+        checkpoint.owner = rank == 0
+        return checkpoint
 
     # -- what a resumed run starts from -------------------------------------------------------------------------
     @property
@@ -119,7 +107,9 @@ class RunCheckpoint:
 
     # -- writing ------------------------------------------------------------------------------------------------
     def commit(self, **fields: Any) -> None:
-        """Write the manifest with ``fields`` changed (the files it names are already written)."""
+        """Write the manifest with ``fields`` changed (the files it names are already written); rank 0 only."""
+        if not self.owner:
+            return
         self.saved.update(fields)
         self.saved.update(recipe=recipe_identity(self.recipe.raw), model=self.recipe.model,
                           model_fingerprint=self.fingerprint)
@@ -134,12 +124,14 @@ class RunCheckpoint:
         """After stage group ``group``: store the model (when the group changed it) and the report rows."""
         if not self.enabled:
             return
+        # every rank finished the group (and long since read what it resumed from) before rank 0 replaces files
+        distributed.barrier()
         started = time.perf_counter()
         with self.stops.deferred():  # a signal now waits for the manifest: then the run stops below
             fields: dict[str, Any] = {"completed_groups": group + 1, "report_rows": rows, "pass": None,
                                       "position": f"after {label}", "history": graph.history}
             previous = self.saved.get("model_folder")
-            if changed_model:
+            if changed_model and self.owner:
                 from a3q.io.artifact import save_artifact
 
                 self.folder.create()  # a new folder per group: the manifest names it only once it is complete
@@ -147,17 +139,21 @@ class RunCheckpoint:
                 self.bytes_written += sum(path.stat().st_size for path in model.iterdir() if path.is_file())
                 fields.update(model_folder=model.name, model_dtype=str(next(graph.model.parameters()).dtype)
                               .removeprefix("torch."))
-            self.commit(**fields)
-            stale = list(self.folder.root.glob("pass-*"))
-            if previous and previous != self.saved["model_folder"]:
-                stale.append(self.folder.root / previous)
-            for path in stale:
-                _remove_tree(path)
+            if self.owner:
+                self.commit(**fields)
+                stale = list(self.folder.root.glob("pass-*"))
+                if previous and previous != self.saved["model_folder"]:
+                    stale.append(self.folder.root / previous)
+                for path in stale:
+                    _remove_tree(path)
         self.seconds += time.perf_counter() - started
         injected_stop(f"group{group}", after_checkpoint=True)
+        self.stops.requested = agree(False, self.stops.requested)[1]  # every rank stops here, or none does
         if self.stops.requested:
-            raise RunStopped(self.stops.requested, f"stopped by {self.stops.requested} after {label}; checkpoint "
-                                                   f"in '{self.folder.root}'")
+            stopped = RunStopped(self.stops.requested, f"stopped by {self.stops.requested} after {label}; "
+                                                       f"checkpoint in '{self.folder.root}'")
+            stopped.agreed = distributed.world_size() > 1
+            raise stopped
 
     def finish(self, keep: bool) -> None:
         """After a successful run: remove the checkpoint, or mark it complete (``--keep-checkpoint``)."""
@@ -175,8 +171,6 @@ class RunCheckpoint:
                                    "bytes": self.folder.size() if self.folder.root.exists() else 0}
         if self.resumed_from:
             summary["resumed_from"] = self.resumed_from
-        if self.off_reason:
-            summary["status"] = self.off_reason
         return summary
 
 

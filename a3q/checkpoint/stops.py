@@ -7,7 +7,8 @@ second signal, :class:`RunStopped` is raised at once: the last checkpoint writte
 ``A3Q_TEST_STOP_AT`` (tests only) makes the stop points deterministic: ``group1.layer5:TERM`` sends this process
 SIGTERM when layer 5 of stage group 1 is finished, before its checkpoint; ``group1.layer5:KILL`` SIGKILLs it right
 after that checkpoint is written; ``group1.plan:TERM`` after planning stages planned; ``group1:KILL`` after the
-checkpoint of the completed group 1.
+checkpoint of the completed group 1. In a data-parallel run every rank reaches the point; ``…:TERM@1`` signals rank 1
+only (the ranks then agree to stop: :mod:`a3q.checkpoint.ranks`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class RunStopped(BaseException):
     def __init__(self, signal_name: str, message: str = "") -> None:
         self.signal_name = signal_name
         self.resumable = False  # set by the engine: whether a checkpoint to resume from exists
+        self.agreed = False  # a distributed run: every rank stops at this same point (a3q.checkpoint.ranks.agree)
         super().__init__(message or f"stopped by {signal_name}")
 
     @property
@@ -82,6 +84,7 @@ def injected_stop(point: str, after_checkpoint: bool) -> None:
     if not wanted or ":" not in wanted:
         return
     where, name = wanted.rsplit(":", 1)
-    if where != point or (name == "KILL") != after_checkpoint:
+    name, _, rank = name.partition("@")
+    if where != point or (name == "KILL") != after_checkpoint or (rank and rank != os.environ.get("RANK", "0")):
         return
     os.kill(os.getpid(), getattr(signal, f"SIG{name}"))

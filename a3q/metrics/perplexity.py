@@ -91,8 +91,9 @@ def perplexity(
     ``cache_chunk``: feed each window in chunks of this many tokens through a KV cache (``make_cache()``, by
     default the model's own cache from :func:`a3q.cache.new_cache`) instead of in one forward pass.
     ``across_processes``: in a data-parallel run (:mod:`a3q.distributed`) each process scores its contiguous share
-    of ``windows`` (a process may get none) and the NLL sums and prediction counts are summed over the processes, so
-    every process returns the perplexity of all ``windows``; a non-finite loss on any process fails them all.
+    of ``windows`` in whole batches (a process may get none) and the NLL sums and prediction counts are summed over
+    the processes, so every process returns the perplexity of all ``windows``; a non-finite loss on any process fails
+    them all.
     ``layerwise``: score all (this process's) windows at once with this function instead (an offloaded model:
     :func:`a3q.metrics.layerwise.layerwise_window_nll`).
     """
@@ -111,9 +112,10 @@ def perplexity(
 
     all_windows, offset, bad_windows = windows, 0, []
     if across_processes and distributed.world_size() > 1:
-        parts = torch.tensor_split(windows, distributed.world_size())
-        offset = sum(part.shape[0] for part in parts[: distributed.rank()])
-        windows = parts[distributed.rank()]
+        # whole batches, the one-process run's: each window's NLL then comes from the same GEMMs in every world size
+        ranges = distributed.batch_ranges(windows.shape[0], batch_size, distributed.world_size())
+        offset, stop = ranges[distributed.rank()]
+        windows = windows[offset:stop]
         progress = progress and distributed.is_main()
     nll_sum = 0.0
     for start, nll in _scored_batches(model, windows, batch_size, device, cache_chunk, make_cache, layerwise,

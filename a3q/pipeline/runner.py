@@ -18,8 +18,9 @@ With a :class:`~a3q.checkpoint.layer_pass.PassCheckpoint`, the pass saves itself
 (finished layers, each stream's next inputs, stage states) and, when resuming, continues from the saved layer; signals
 that arrive while a layer is being processed stop the pass after it, with a checkpoint.
 
-Data-parallel runs (:mod:`a3q.distributed`): each process observes its shard of the windows; after each observation
-of a layer (and, for planners, after observing every layer) each stage's
+Data-parallel runs (:mod:`a3q.distributed`): each process observes its shard of the windows (whole batches of the
+pass's batch size, so each process runs exactly the forwards one process would run on those windows); after each
+observation of a layer (and, for planners, after observing every layer) each stage's
 :meth:`~a3q.pipeline.stage.CalibratingStage.reduce_statistics` sums its statistics over the processes before
 ``process``/``plan`` reads them, and after each layer :func:`a3q.distributed.check_identical` checks that every
 process holds the same layer. Device placement and offloading belong here too, once, for every stage.
@@ -37,7 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from a3q import distributed
-from a3q.arch import LAYER_PREFIX, decoder_layers, final_norm
+from a3q.arch import LAYER_PREFIX, decoder_layers, lm_logits
 from a3q.graph import ModelGraph
 from a3q.offload import hold_layer
 from a3q.numerics import check_activations_finite, check_module_finite
@@ -164,8 +165,7 @@ class LayerProbe:
         for position in range(index, len(layers)):
             with hold_layer(self.graph, position) as layer:
                 inputs = inputs.with_hidden(run_layer(layer, position, inputs))
-        hidden = final_norm(self.graph.model, self.graph.family)(torch.cat(inputs.hidden))
-        logits = self.graph.model.get_output_embeddings()(hidden)
+        logits = lm_logits(self.graph.model, self.graph.family, torch.cat(inputs.hidden))
         return torch.log_softmax(logits.double(), dim=-1)
 
     def kl_after_change(self, index: int, change: Callable[[], Callable[[], None]]) -> float:
@@ -232,12 +232,13 @@ def _run_layers(graph: ModelGraph, windows: Tensor, stages: list[CalibratingStag
     names = "+".join(stage.name for stage in stages)
     planners = [stage for stage in stages if stage.needs_plan()]
     if checkpoint is not None:
-        checkpoint.bind(windows)
+        checkpoint.bind(windows, batch_size)
     resumed = checkpoint.restore(graph, stages) if checkpoint is not None else None
-    # data-parallel (a3q.distributed): this process observes its share of the windows, and every statistic is
-    # summed over the processes before a layer is changed (or planned from); probes use every window, unsharded
+    # data-parallel (a3q.distributed): this process observes its share of the windows, in whole batches (the very
+    # batches one process would run), and every statistic is summed over the processes before a layer is changed
+    # (or planned from); probes use every window, unsharded
     reduce = distributed.all_reduce_sum if distributed.world_size() > 1 else None
-    every_window, windows = windows, distributed.shard(windows)
+    every_window, windows = windows, distributed.shard(windows, batch_size)
     for planner in planners if resumed is None else []:  # every layer's statistics before any layer changes
         _timed(planner, lambda: observe_layers(graph, windows, planner.observe, batch_size, progress,
                                                f"{planner.name} statistics"))

@@ -56,6 +56,13 @@ class LoraConfig(StageConfig):
         source = TextSource(corpus=self.corpus, split=self.split)
         return [TextDemand(f"{label}: seq_len", source, 1, self.seq_len)]  # the pool is reused when short
 
+    def data_parallel_problem(self, world: int) -> str | None:
+        """Why this stage cannot train in ``world`` processes (checked before the model loads): ``batch_size`` is
+        the global batch, and every process needs at least one window of it per step."""
+        from a3q.stages.lora.data_parallel import batch_problem
+
+        return batch_problem(self.batch_size, world)
+
     def keeps_adapter(self) -> bool:
         return not self.merge
 

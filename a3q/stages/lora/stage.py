@@ -30,6 +30,12 @@ an adapter, so ``merge: true`` after a quantizing stage fails at validation. ``m
 ``graph.adapter`` the PeftModel; ``export`` writes the base artifact without LoRA keys and the adapter in PEFT's
 format in ``adapter/`` (:mod:`a3q.io.adapter`). The model is adapted in place (as PEFT does).
 
+**Data-parallel** (``a3q run RECIPE --nproc N``, torchrun): ``batch_size`` stays the global batch; each process
+trains on its share of every step's windows under ``DistributedDataParallel`` (gloo on CPU, nccl on GPUs), so the
+run trains as one process would (:mod:`a3q.stages.lora.data_parallel`; docs/distributed.md). ``batch_size`` must be
+at least the number of processes. Only rank 0 shows progress; the report (rank 0's) adds ``world_size`` and
+``rank_batch`` (windows per process and step) and ``adapter_repairs`` (0: the ranks' adapters agreed).
+
 **Report row.** ``steps``, ``train_loss`` (mean of the last 10% of steps), ``loss_first``, ``loss_curve``,
 ``train_seconds``, ``seconds_per_step``, ``tokens``, ``trainable_params``; when an ``evaluate`` stage comes before
 this one, the engine repeats that evaluation after training (``trains`` on the config): ``ppl_before`` (that stage's
@@ -44,12 +50,14 @@ from typing import Any
 
 import torch
 
+from a3q import distributed
 from a3q.arch import LAYER_PREFIX, LINEAR_PATHS
 from a3q.graph import ModelGraph
 from a3q.registry import register_stage
 from a3q.arch.surgery import with_separate_linears
 from a3q.io.adapter import with_adapter
 from a3q.stages.lora.config import LoraConfig
+from a3q.stages.lora.data_parallel import check_adapters_identical, seed_dropout_for_rank
 from a3q.stages.lora.train import train, training_windows
 
 
@@ -112,6 +120,7 @@ def lora(graph: ModelGraph, config: LoraConfig, context) -> ModelGraph:
     label = context.spec.label
     pool = training_windows(graph.tokenizer, config.corpus, config.split, config.seq_len,
                             config.steps * config.batch_size, config.seed)
+    distributed.check_same_everywhere(pool, f"{label}: the training windows")
     frozen = [(p, p.requires_grad) for p in graph.model.parameters()]
     model = graph.model
     with torch.random.fork_rng(devices=[]):
@@ -124,12 +133,14 @@ def lora(graph: ModelGraph, config: LoraConfig, context) -> ModelGraph:
             if unmergeable:
                 raise ValueError(f"merge: the adapter cannot be merged into quantized weights, e.g. {unmergeable[0]}")
         trainable = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
+        seed_dropout_for_rank(config.seed)  # after the adapter's init, which must be the same on every rank
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         generator = torch.Generator().manual_seed(config.seed)
         try:
             result = train(adapter, adapter.parameters(), pool, config.steps, config.batch_size, config.lr,
-                           generator, description=label)
+                           generator, description=label, progress=distributed.is_main())
+            repaired = check_adapters_identical(adapter, f"{label}: the trained adapter")
         finally:
             if config.gradient_checkpointing:
                 model.gradient_checkpointing_disable()
@@ -157,6 +168,11 @@ def lora(graph: ModelGraph, config: LoraConfig, context) -> ModelGraph:
         "trainable_params": trainable,
         "merged": config.merge,
     }
+    if distributed.world_size() > 1:
+        metrics.update(world_size=distributed.world_size(),
+                       rank_batch=[len(part) for part in torch.arange(config.batch_size).tensor_split(
+                           distributed.world_size())],
+                       adapter_repairs=int(repaired))
     note = f"r={config.r} {result.steps} steps, loss {result.losses[0]:.3f}→{result.final_loss:.3f}"
     context.metrics.update(metrics, note=note + (", merged" if config.merge else ""))
     return graph

@@ -7,6 +7,10 @@ left as it was), and the pool of windows is :func:`a3q.calib.windows.random_wind
 Schedule: linear warm-up over the first 5% of steps (at least one), then cosine decay to 10% of ``lr``; gradients
 are clipped to norm 1. When ``steps × batch_size`` exceeds the windows the split holds, the pool is reused in a
 fresh permutation per pass.
+
+Data-parallel (``--nproc N``): ``batch_size`` is the global batch; every rank draws the same step order and trains
+on its share of each step under DDP (:mod:`a3q.stages.lora.data_parallel`), which gives the one-process training
+up to float summation order. The logged loss is the global batch's mean on every rank.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from a3q import distributed
 from a3q.calib.sources import TextSource
 from a3q.calib.windows import random_windows, sequential_windows
+from a3q.stages.lora.data_parallel import (batch_problem, data_parallel, global_sum, rank_loss_scale,
+                                             rank_share)
 
 
 @dataclass
@@ -63,10 +70,13 @@ def batch_order(pool_size: int, steps: int, batch_size: int, generator: torch.Ge
     return torch.cat(passes)[:needed].view(steps, batch_size)
 
 
-def next_token_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of every next token in ``batch`` (logits in float32)."""
+def next_token_loss(model: torch.nn.Module, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of every next token in ``batch``: the mean, or the sum (``reduction``). Logits in at least
+    float32 (a float64 model keeps float64, which the data-parallel test uses to separate maths from rounding)."""
     logits = model(input_ids=batch, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+    logits = logits[:, :-1].flatten(0, 1)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), batch[:, 1:].flatten(),
+                           reduction=reduction)
 
 
 def _schedule(step: int, steps: int) -> float:
@@ -88,16 +98,23 @@ def train(
     description: str = "lora",
     progress: bool = True,
 ) -> TrainResult:
-    """Train ``parameters`` (the adapter's) for ``steps`` AdamW steps on batches drawn from ``pool``.
+    """Train ``parameters`` (the adapter's) for ``steps`` AdamW steps on batches of ``batch_size`` drawn from ``pool``.
 
     Call inside a seeded :func:`torch.random.fork_rng` for a reproducible run (dropout uses the global generator).
+    In a distributed run every rank calls this with the same ``pool`` and ``generator`` seed; ``batch_size`` is
+    the global batch, each rank trains on its share of it and DDP averages the gradients.
     """
     parameters = [p for p in parameters if p.requires_grad]
     if not parameters:
         raise ValueError("no trainable parameters: the adapter matched no module")
+    problem = batch_problem(batch_size, distributed.world_size())
+    if problem:
+        raise distributed.DistributedError(problem)
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, steps))
-    order = batch_order(pool.shape[0], steps, batch_size, generator)
+    order = batch_order(pool.shape[0], steps, batch_size, generator)  # the same on every rank
+    predictions_per_window = pool.shape[1] - 1
+    scale = rank_loss_scale(batch_size, predictions_per_window)
     device = next(model.parameters()).device
     result = TrainResult(windows=int(pool.shape[0]))
     was_training = model.training
@@ -105,19 +122,21 @@ def train(
     started = time.perf_counter()
     bar = tqdm(order, desc=description, unit="step", disable=not progress, leave=False)
     try:
-        for indices in bar:
-            batch = pool[indices].to(device)
-            loss = next_token_loss(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {float(loss)} at step {result.steps + 1}; lower lr")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            result.losses.append(loss.item())
-            result.tokens += int(batch.numel())
-            bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+        with data_parallel(model) as forward:
+            for indices in bar:
+                batch = pool[rank_share(indices)].to(device)  # this rank's share of the global batch
+                summed = next_token_loss(forward, batch, reduction="sum")
+                loss = float(global_sum(summed)) / (batch_size * predictions_per_window)  # the global batch's mean
+                if not math.isfinite(loss):  # the same value on every rank: all of them stop together
+                    raise FloatingPointError(f"training loss became {loss} at step {result.steps + 1}; lower lr")
+                (summed * scale).backward()  # DDP averages the ranks' gradients into the global mean's
+                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                result.losses.append(loss)
+                result.tokens += batch_size * int(pool.shape[1])
+                bar.set_postfix(loss=f"{loss:.4f}")
     finally:
         bar.close()
         model.train(was_training)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import types
 
 import pytest
 import torch
@@ -46,15 +45,20 @@ def tokenizer(smollm2_path):
     return AutoTokenizer.from_pretrained(str(smollm2_path))
 
 
-@pytest.fixture(scope="module")
-def tiny(tokenizer):
-    """A tiny A³-class Llama over SmolLM2's vocabulary (so it trains on real text windows)."""
+def tiny_graph(tokenizer):
+    """A tiny A³-class Llama over SmolLM2's vocabulary (so it trains on real text windows); the same weights in
+    every process (seeded), which the data-parallel test relies on."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
     )
     return as_a3_graph(describe(LlamaForCausalLM(config).eval(), tokenizer, source="tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    return tiny_graph(tokenizer)
 
 
 def run_lora(graph, **fields):
