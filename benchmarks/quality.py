@@ -22,8 +22,8 @@ A perplexity that overflows (or a non-finite loss) is printed as "diverged".
 
 Families with per-head q/k norms (Gemma 3, Qwen3): ``a3`` gives one row per ``--qk-norm`` mode
 (:mod:`a3q.stages.a3.qk_norm`). ``keep`` leaves QK whole, so at equal size it removes more of OV and MLP: their
-ratio is raised to ``target × all / (OV + MLP)`` weights so the achieved ratio is the target's. ``a3_global`` is not
-available there (the stage refuses it).
+ratio is raised to ``target × all / (OV + MLP)`` weights so the achieved ratio is the target's. ``a3_global`` uses
+``pre_norm`` there (its QK probes compute the norms over the kept coordinates, as the compressed model does).
 """
 
 from __future__ import annotations
@@ -131,16 +131,19 @@ def a3_rows(dense, calib, test, ratios, methods, args, emit) -> None:
                 extra = ""
             else:
                 from a3q.stages.a3.allocation import plan_global_ranks
+                from a3q.stages.a3.apply import qk_norm_setting
 
+                qk_norm = qk_norm_setting(graph, "pre_norm")
                 probes = calib[: args.probe_windows, : args.probe_seq_len]
                 if args.probe_ratio is not None and "shared" not in sensitivity:
                     sensitivity["shared"] = plan_global_ranks(
                         graph, stats, {c: args.probe_ratio for c in ALL}, probes, 1, 1e-6, args.max_shift, args.mix_components,
-                        progress=False
+                        progress=False, qk_norm=qk_norm
                     ).sensitivity
                 allocation = plan_global_ranks(
                     graph, stats, {c: ratio for c in ALL}, probes, multiple=1, damping=1e-6, max_shift=args.max_shift,
                     mix_components=args.mix_components, progress=False, sensitivity=sensitivity.get("shared"),
+                    qk_norm=qk_norm,
                 )
                 plans = allocation.plans
                 extra = allocation.summary()
@@ -255,9 +258,6 @@ def main() -> None:
     console = Console(stderr=True)
     info = machine_info("cpu")
     dense = load_graph(args.model)
-    if qk_normed(dense) and "a3_global" in args.methods:  # before any work: the a3 stage would refuse it
-        raise SystemExit(f"a3_global: {args.model} has per-head q/k norms, for which the a3 stage refuses "
-                         "allocation: global (its probes ignore the norm); leave it out of --methods")
     calib = random_windows(dense.tokenizer, enwiki("calib"), args.seq_len, args.calib_windows, seed=0)
     test = sequential_windows(dense.tokenizer, enwiki("test"), args.seq_len, args.eval_windows)
     result = dict(machine=info, model=args.model, methods=args.methods, calib_windows=args.calib_windows, eval_windows=args.eval_windows,

@@ -35,14 +35,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from a3q.arch import LINEAR_PATHS
+from a3q.arch import FAMILIES, LINEAR_PATHS
 from a3q.graph import LayerStructure, ModelGraph
 from a3q.offload import hold_layer
 from a3q.pipeline.stage import Probe
 from a3q.stages.a3.compress import compress_layer
 from a3q.stages.a3.mlp import mlp_channel_scores, select_channels
 from a3q.stages.a3.ov import ov_svd
-from a3q.stages.a3.qk import qk_svd, rope_pair_scores, select_rope_pairs
+from a3q.stages.a3.qk import pair_coordinates, qk_svd, rope_pair_scores, select_rope_pairs
+from a3q.stages.a3.qk_norm import qk_pair_scores, zero_padded_trial
 from a3q.stages.a3.ranks import COMPONENTS, LayerRanks, round_rank
 from a3q.stages.a3.statistics import LayerStatistics
 
@@ -85,18 +86,23 @@ class Allocation:
 
 
 def relative_error_curve(layer: LayerStructure, stats: LayerStatistics, component: str, rope: bool,
-                         damping: float, w_down: Tensor | None = None, w_o: Tensor | None = None) -> Tensor:
-    """Relative closed-form error at every rank 0…size (index = rank); convex and decreasing to 0."""
+                         damping: float, w_down: Tensor | None = None, w_o: Tensor | None = None,
+                         qk_norm: tuple[float, str] | None = None) -> Tensor:
+    """Relative closed-form error at every rank 0…size (index = rank); convex and decreasing to 0.
+
+    ``qk_norm``: ``(gain offset, mode)`` in a family with per-head q/k norms, whose QK keeps one set of pairs for
+    every KV group (:func:`a3q.stages.a3.qk_norm.qk_pair_scores`)."""
     if component == "mlp":
         scores = mlp_channel_scores(stats.mlp_x2, w_down).sort(descending=True).values
         return _tail(scores[None, :])
     group = layer.num_heads // layer.num_kv_heads
     if component == "qk" and rope:
-        pair_scores = torch.stack([
-            rope_pair_scores(torch.stack([stats.g_q[h].diagonal() for h in range(kv * group, (kv + 1) * group)]),
-                             stats.g_k[kv].diagonal()).sort(descending=True).values
-            for kv in range(layer.num_kv_heads)
-        ])
+        pair_scores = qk_pair_scores(stats, layer, qk_norm[1]).sort(descending=True).values[None] if qk_norm else \
+            torch.stack([
+                rope_pair_scores(torch.stack([stats.g_q[h].diagonal() for h in range(kv * group, (kv + 1) * group)]),
+                                 stats.g_k[kv].diagonal()).sort(descending=True).values
+                for kv in range(layer.num_kv_heads)
+            ])
         pairs = _tail(pair_scores)  # index = kept pairs
         return torch.repeat_interleave(pairs, 2)[: 2 * pairs.shape[0] - 1]  # rank 2p keeps p pairs (odd ranks unused)
     energies = []
@@ -160,14 +166,18 @@ def candidate_ranks(size: int, multiple: int, even: bool, min_keep: float) -> tu
 
 
 def _probe_weights(weights, layer: LayerStructure, stats: LayerStatistics, component: str, rank: int,
-                   rope: bool, damping: float) -> dict[str, Tensor]:
+                   rope: bool, damping: float, qk_norm: tuple[float, str] | None = None) -> dict[str, Tensor]:
     """Full-size weights equal to the layer with only ``component`` compressed to ``rank``.
 
     Compressed coordinates are zero-padded back to the current sizes (RoPE q/k: dropped pairs zeroed in place,
-    so each kept pair keeps its frequency), so the probe needs no new model: it swaps tensors in and out.
+    so each kept pair keeps its frequency), so the probe needs no new model: it swaps tensors in and out. With q/k
+    norms (``qk_norm``) the norms' weights change too (:func:`a3q.stages.a3.qk_norm.zero_padded_trial`).
     """
     out: dict[str, Tensor] = {}
     dtype, device = weights["q.weight"].dtype, weights["q.weight"].device
+    if component == "qk" and qk_norm is not None:
+        kept_pairs = select_rope_pairs(qk_pair_scores(stats, layer, qk_norm[1]), rank)
+        return zero_padded_trial(weights, stats, layer, pair_coordinates(kept_pairs, layer.qk_head_dim), qk_norm[0])
     if component == "mlp":
         channels = select_channels(mlp_channel_scores(stats.mlp_x2, weights["down.weight"].T), rank)
         mask = torch.zeros(layer.intermediate_size, dtype=dtype, device=device)
@@ -216,7 +226,7 @@ def _probe_weights(weights, layer: LayerStructure, stats: LayerStatistics, compo
 
 def measure_sensitivity(graph: ModelGraph, statistics: list[LayerStatistics], probe_ranks: list[LayerRanks],
                         probe: Probe | Tensor, components: frozenset[str], damping: float,
-                        progress: bool = True) -> dict[str, list[float]]:
+                        progress: bool = True, qk_norm: tuple[float, str] | None = None) -> dict[str, list[float]]:
     """KL to the unmodified model when only one (layer, component) is compressed to its probe rank.
 
     ``probe`` is the pipeline's :class:`~a3q.pipeline.runner.LayerProbe` (or the windows to build one on).
@@ -230,7 +240,9 @@ def measure_sensitivity(graph: ModelGraph, statistics: list[LayerStatistics], pr
         from a3q.pipeline.runner import LayerProbe
 
         probe = LayerProbe(graph, probe)
-    paths = LINEAR_PATHS[graph.family]
+    paths = dict(LINEAR_PATHS[graph.family])
+    if FAMILIES[graph.family].qk_norm_paths is not None:
+        paths.update(zip(("q_norm", "k_norm"), FAMILIES[graph.family].qk_norm_paths))
     sensitivity = {c: [0.0] * len(graph.layers) for c in components}
     jobs = [(i, c) for i in range(len(graph.layers)) for c in COMPONENTS if c in components]
     for index, component in tqdm(jobs, desc="A³ sensitivity", disable=not progress, leave=False):
@@ -240,7 +252,7 @@ def measure_sensitivity(graph: ModelGraph, statistics: list[LayerStatistics], pr
                        if f"{p}.{k}" in params}
             rank = {"qk": probe_ranks[index].qk, "ov": probe_ranks[index].vo, "mlp": probe_ranks[index].ff}[component]
             trial = _probe_weights(weights, graph.layers[index], statistics[index], component, rank, graph.uses_rope,
-                                   damping)
+                                   damping, qk_norm)
 
             @torch.no_grad()
             def swap_in(trial=trial, params=params, weights=weights):
@@ -263,7 +275,8 @@ def measure_sensitivity(graph: ModelGraph, statistics: list[LayerStatistics], pr
 def plan_global_ranks(graph: ModelGraph, statistics: list[LayerStatistics], ratios: dict[str, float | None],
                       probe: Probe | Tensor, multiple: int = 1, damping: float = 1e-6, max_shift: float = 0.3,
                       mix_components: bool = False, progress: bool = True,
-                      sensitivity: dict[str, list[float]] | None = None, min_keep: float = MIN_KEEP) -> Allocation:
+                      sensitivity: dict[str, list[float]] | None = None, min_keep: float = MIN_KEEP,
+                      qk_norm: tuple[float, str] | None = None) -> Allocation:
     """Per-layer ranks removing at least what the uniform plan removes, at the smallest modelled loss.
 
     The budget is the uniform plan's (``ratios`` rounded as ``plan_ranks`` rounds them), so global and uniform
@@ -271,14 +284,15 @@ def plan_global_ranks(graph: ModelGraph, statistics: list[LayerStatistics], rati
     ``max(1 − ρ − max_shift, min_keep)`` and ``1 − ρ + max_shift`` of its size (the modelled loss is only trusted near the probe;
     unbounded, the greedy went all-or-nothing and lost to uniform). Without ``mix_components`` every component
     keeps its own uniform budget and only moves it between layers (moving budget between components was worse
-    in measurements). ``sensitivity`` may be passed to reuse earlier probes.
+    in measurements). ``sensitivity`` may be passed to reuse earlier probes. ``qk_norm``: ``(gain offset, mode)``
+    in a family with per-head q/k norms (as :func:`a3q.stages.a3.apply.qk_norm_setting` gives it).
     """
     from a3q.stages.a3.ranks import plan_ranks
 
     components = frozenset(c for c in COMPONENTS if ratios.get(c) is not None)
     uniform = plan_ranks(graph.layers, ratios, {}, multiple, graph.uses_rope)
     if sensitivity is None:
-        sensitivity = measure_sensitivity(graph, statistics, uniform, probe, components, damping, progress)
+        sensitivity = measure_sensitivity(graph, statistics, uniform, probe, components, damping, progress, qk_norm)
     values = sorted(abs(v) for c in components for v in sensitivity[c])
     floor = SENSITIVITY_FLOOR * max(values[len(values) // 2], 1e-12)
     paths = LINEAR_PATHS[graph.family]
@@ -308,7 +322,7 @@ def plan_global_ranks(graph: ModelGraph, statistics: list[LayerStatistics], rati
             kept[index][component] = grid[-1]
             relative = relative_error_curve(
                 layer, statistics[index], component, graph.uses_rope, damping,
-                w_down=w_down, w_o=w_o,
+                w_down=w_down, w_o=w_o, qk_norm=qk_norm,
             )
             scale = max(sensitivity[component][index], floor) / max(float(relative[probe[component]]), 1e-12)
             curves[component].append(ErrorCurve(index, component, grid, [scale * float(relative[r]) for r in grid],

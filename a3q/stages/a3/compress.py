@@ -19,7 +19,7 @@ from a3q.graph import LayerStructure
 from a3q.stages.a3.mlp import mlp_channel_scores, select_channels
 from a3q.stages.a3.ov import ov_svd
 from a3q.stages.a3.qk import pair_coordinates, qk_svd, rope_pair_scores, select_rope_pairs
-from a3q.stages.a3.qk_norm import coordinate_scores, norm_rescale, rescaled_norm_weight
+from a3q.stages.a3.qk_norm import norm_rescale, qk_pair_scores, rescaled_norm_weight
 from a3q.stages.a3.ranks import LayerRanks
 from a3q.stages.a3.statistics import LayerStatistics
 
@@ -84,17 +84,8 @@ def _compress_qk(weights, layer, stats, rank, rope, damping, out, dtype) -> tupl
 def _compress_qk_normed(weights, layer, stats, rank, norm_offset, mode, out, dtype) -> tuple[list, float]:
     """QK with per-head q/k norms: one set of kept pairs for every KV group, norms over the kept coordinates with
     their gains rescaled (:mod:`a3q.stages.a3.qk_norm`)."""
-    if mode == "post_norm":
-        if stats.q_norm_x2 is None or stats.k_norm_x2 is None:
-            raise ValueError("qk_norm: post_norm needs the normalised q/k moments (statistics from a q/k-norm family)")
-        q_x2, k_x2 = stats.q_norm_x2, stats.k_norm_x2
-    elif mode == "pre_norm":
-        q_x2, k_x2 = stats.g_q.diagonal(dim1=-2, dim2=-1), stats.g_k.diagonal(dim1=-2, dim2=-1)
-    else:
-        raise ValueError(f"qk_norm {mode!r} does not compress QK")
     d, h, h_kv = layer.qk_head_dim, layer.num_heads, layer.num_kv_heads
-    per_coordinate = coordinate_scores(q_x2, k_x2, h_kv)
-    scores = per_coordinate[: d // 2] + per_coordinate[d // 2 :]
+    scores = qk_pair_scores(stats, layer, mode)
     local = select_rope_pairs(scores, rank)
     coords = pair_coordinates(local, d)
     current = layer.rope_pairs[0] if layer.rope_pairs is not None else list(range(layer.head_dim // 2))

@@ -42,6 +42,12 @@ default. One model and 8 evaluation windows: re-measure on the next q/k-norm mod
 
 The gain is one vector shared by every head of the layer, so with q/k norms all KV groups keep the same pairs
 (scores summed over groups) and ``c`` is computed over all heads together.
+
+**Global allocation's probes** (:func:`zero_padded_trial`) need the compressed QK at the layer's current size, so a
+probe only swaps tensors. Zeroing the dropped rows of q_proj/k_proj alone is wrong here: the norm would still divide
+by ``‖u_S‖²/d`` instead of ``‖u_S‖²/r``. Because the dropped coordinates are exactly zero, ``ρ(u) = ρ_S(u_S) ·
+sqrt(r/d)`` (up to ε), so multiplying the kept gains by ``sqrt(r/d)`` as well makes the full-size layer compute what
+the compressed one computes (tested to float rounding against the compressed layer).
 """
 
 from __future__ import annotations
@@ -50,6 +56,47 @@ import torch
 from torch import Tensor
 
 QK_NORM_MODES = ("keep", "pre_norm", "post_norm")
+
+
+def qk_pair_scores(stats, layer, mode: str) -> Tensor:
+    """Score of each RoPE pair ``[d/2]`` (one set for every KV group), from the pre- or post-norm moments."""
+    if mode == "post_norm":
+        if stats.q_norm_x2 is None or stats.k_norm_x2 is None:
+            raise ValueError("qk_norm: post_norm needs the normalised q/k moments (statistics from a q/k-norm family)")
+        q_x2, k_x2 = stats.q_norm_x2, stats.k_norm_x2
+    elif mode == "pre_norm":
+        q_x2, k_x2 = stats.g_q.diagonal(dim1=-2, dim2=-1), stats.g_k.diagonal(dim1=-2, dim2=-1)
+    else:
+        raise ValueError(f"qk_norm {mode!r} does not compress QK")
+    per_coordinate = coordinate_scores(q_x2, k_x2, layer.num_kv_heads)
+    half = layer.qk_head_dim // 2
+    return per_coordinate[:half] + per_coordinate[half:]
+
+
+def zero_padded_trial(weights: dict[str, Tensor], stats, layer, coordinates: Tensor, offset: float
+                      ) -> dict[str, Tensor]:
+    """The layer's q/k weights (and biases) with every coordinate outside ``coordinates`` zeroed, and q/k norm
+    weights that make the full-size norm compute the compressed one's (see the module docstring): what global
+    allocation swaps in to probe QK at rank ``len(coordinates)``."""
+    d = layer.qk_head_dim
+    out: dict[str, Tensor] = {}
+    for name, heads in (("q", layer.num_heads), ("k", layer.num_kv_heads)):
+        weight = weights[f"{name}.weight"]
+        mask = torch.zeros(d, dtype=weight.dtype, device=weight.device)
+        mask[coordinates] = 1
+        mask = mask.repeat(heads)
+        out[f"{name}.weight"] = weight * mask[:, None]
+        if f"{name}.bias" in weights:
+            out[f"{name}.bias"] = weights[f"{name}.bias"] * mask
+    emulate = (coordinates.numel() / d) ** 0.5  # ρ over d coordinates, r of them non-zero = ρ over r · sqrt(r/d)
+    for name, moments in (("q_norm", stats.g_q), ("k_norm", stats.g_k)):
+        weight = weights[f"{name}.weight"]
+        scale = norm_rescale(moments.diagonal(dim1=-2, dim2=-1), coordinates)
+        kept_gain = offset + rescaled_norm_weight(weight, coordinates, scale, offset).to(torch.float64)
+        full = weight.clone()
+        full[coordinates] = (emulate * kept_gain - offset).to(weight.dtype)
+        out[f"{name}.weight"] = full
+    return out
 
 
 def norm_rescale(pre_norm_x2: Tensor, coordinates: Tensor) -> float:

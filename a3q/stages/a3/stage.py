@@ -35,6 +35,7 @@ from a3q.arch.surgery import as_a3_graph, redescribe
 from a3q.graph import ModelGraph
 from a3q.registry import StageConfig, register_stage
 from a3q.stages.a3.allocation import plan_global_ranks
+from a3q.stages.a3.apply import qk_norm_setting
 from a3q.stages.a3.layer_stage import HeadSpaceCompression
 from a3q.stages.a3.ranks import plan_ranks
 
@@ -127,12 +128,8 @@ class A3Stage(HeadSpaceCompression):
 
     def begin(self, graph: ModelGraph) -> ModelGraph:
         graph = as_a3_graph(graph)
-        if FAMILIES[graph.family].qk_norm_paths is not None and "qk" in self.components:
-            if self.config.qk_norm == "keep":
-                self.components = self.components - {"qk"}
-            elif self.config.allocation == "global":
-                raise ValueError("allocation: global does not handle q/k norms yet (its QK probes ignore the norm): "
-                                 "use allocation: uniform, or qk_norm: keep")
+        if FAMILIES[graph.family].qk_norm_paths is not None and self.config.qk_norm == "keep":
+            self.components = self.components - {"qk"}
         self.params_before, self.kv_before = graph.decoder_linear_params(), graph.kv_bytes_per_token()
         ratios, explicit = self.config.component_ratios(), self.config.explicit_ranks()
         if "qk" not in self.components:
@@ -145,9 +142,12 @@ class A3Stage(HeadSpaceCompression):
         statistics = [self.layer_statistics[index] for index in range(len(graph.layers))]
         for layer_statistics in statistics:
             layer_statistics.finish()
-        allocation = plan_global_ranks(graph, statistics, self.config.component_ratios(), probe,
-                                       self.config.rank_multiple, self.config.damping, self.config.max_shift,
-                                       self.config.mix_components)
+        ratios = self.config.component_ratios()
+        if "qk" not in self.components:  # qk_norm: keep
+            ratios["qk"] = None
+        allocation = plan_global_ranks(graph, statistics, ratios, probe, self.config.rank_multiple,
+                                       self.config.damping, self.config.max_shift, self.config.mix_components,
+                                       qk_norm=qk_norm_setting(graph, self.qk_norm_mode))
         self.plans = allocation.plans
         self.metrics["sensitivity"] = allocation.sensitivity
 

@@ -124,3 +124,87 @@ def test_post_norm_moments_equal_direct_computation(family: str):
         u = attention.q_proj(graph.model.model.layers[1].input_layernorm(hidden)).reshape(3, 10, -1, 16)
         q = attention.q_norm(u).double()  # [batch, tokens, heads, d]: RMSNorm acts on the last axis only
     torch.testing.assert_close(stats[1].q_norm_x2, q.square().mean((0, 1)))
+
+
+@pytest.mark.parametrize(("family", "mode", "exact"), [("qwen3", "pre_norm", True), ("gemma3", "pre_norm", False),
+                                                      ("gemma3", "post_norm", True)])
+def test_global_allocation_probe_equals_the_compressed_layer(family: str, mode: str, exact: bool):
+    """Global allocation probes QK at the layer's full size (dropped coordinates zeroed, norm gains × sqrt(r/d)):
+    its logits equal those of the model whose layer is really compressed (norm over the r kept coordinates): in
+    float64 with the norms' ε = 0 to ~3e-7 of what the compression changes (HF's RMSNorms compute in float32 even
+    for a float64 model), in float32 with ε = 1e-6 to ~2e-4. Zeroing the
+    rows alone (the norm still over d coordinates) is far off, so the check has teeth."""
+    import copy
+
+    from a3q.arch import FAMILIES, LINEAR_PATHS
+    from a3q.arch.surgery import as_a3_graph
+    from a3q.stages.a3.allocation import _probe_weights
+    from a3q.stages.a3.apply import compress_model, qk_norm_setting
+    from a3q.stages.a3.ranks import LayerRanks
+    from a3q.stages.a3.statistics import collect_statistics
+
+    _, graph = _tiny_qk_norm_graph(family)
+    graph = as_a3_graph(graph)
+    if exact:  # float64, ε = 0: the emulation is then exact up to rounding
+        graph.model.double()
+        graph.model.config.rms_norm_eps = 0.0  # the compressed model is built from the config
+        for module in graph.model.modules():
+            for name in ("variance_epsilon", "eps"):
+                if isinstance(getattr(module, name, None), float):
+                    setattr(module, name, 0.0)
+    windows = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(8))
+    stats = collect_statistics(graph, windows, {"qk"}, progress=False)
+    paths = dict(LINEAR_PATHS[graph.family])
+    paths.update(zip(("q_norm", "k_norm"), FAMILIES[graph.family].qk_norm_paths))
+    index, rank, setting = 1, 6, qk_norm_setting(graph, mode)
+    layer_module = graph.model.model.layers[index]
+    weights = {f"{short}.{kind}": getattr(layer_module.get_submodule(path), kind).detach()
+               for short, path in paths.items() for kind in ("weight", "bias")
+               if getattr(layer_module.get_submodule(path), kind, None) is not None}
+
+    def logits_with(trial):
+        model = copy.deepcopy(graph.model)
+        with torch.no_grad():
+            for key, tensor in trial.items():
+                short, kind = key.split(".")
+                getattr(model.model.layers[index].get_submodule(paths[short]), kind).copy_(tensor)
+            return model(input_ids=windows).logits
+
+    with torch.no_grad():
+        dense = graph.model(input_ids=windows).logits
+    full = _probe_weights(weights, graph.layers[index], stats[index], "qk", graph.layers[index].qk_head_dim, True,
+                          1e-6, setting)
+    assert torch.equal(logits_with(full), dense)  # full rank: the layer itself
+
+    plans = [LayerRanks(qk=rank if i == index else layer.qk_head_dim, vo=layer.vo_head_dim, ff=layer.intermediate_size)
+             for i, layer in enumerate(graph.layers)]
+    compressed, _ = compress_model(graph, stats, plans, 1e-6, frozenset({"qk"}), progress=False, qk_norm=mode)
+    with torch.no_grad():
+        expected = compressed.model.to(dense.dtype)(input_ids=windows).logits
+    trial = _probe_weights(weights, graph.layers[index], stats[index], "qk", rank, True, 1e-6, setting)
+    error = float((logits_with(trial) - expected).norm() / (expected - dense).norm())
+    rows_only = {key: tensor for key, tensor in trial.items() if "norm" not in key}
+    naive = float((logits_with(rows_only) - expected).norm() / (expected - dense).norm())
+    print(f"{family} {mode}: probe vs compressed {error:.1e} of the compression's change; rows zeroed only {naive:.2f}")
+    assert error < (1e-5 if exact else 1e-3) and naive > 0.1, (error, naive)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_global_allocation_through_the_stage_on_qk_norm_families(family: str):
+    """``allocation: global`` plans per-layer ranks at the uniform plan's budget (or smaller), probing QK with its
+    norms; each layer's norms then have that layer's q/k head dim."""
+    import copy
+
+    from a3q.passes import apply_stage
+
+    _, graph = _tiny_qk_norm_graph(family)
+    windows = torch.randint(0, 97, (4, 20), generator=torch.Generator().manual_seed(5))
+    uniform, _ = apply_stage(copy.deepcopy(graph), "a3", windows=windows, ratio=0.3)
+    planned, metrics = apply_stage(copy.deepcopy(graph), "a3", windows=windows, ratio=0.3, allocation="global",
+                                   probe_windows=2, probe_seq_len=14)
+    assert set(metrics["sensitivity"]) == {"qk", "ov", "mlp"} and min(metrics["sensitivity"]["qk"]) > 0
+    assert planned.decoder_linear_params() <= uniform.decoder_linear_params()
+    for layer, structure in zip(planned.model.model.layers, planned.layers):
+        assert layer.self_attn.q_norm.weight.shape == (structure.qk_head_dim,) == layer.self_attn.k_norm.weight.shape
+    with torch.no_grad():
+        assert torch.isfinite(planned.model(input_ids=windows).logits).all()
