@@ -3,11 +3,12 @@
 A tiny random Llama (4 layers, SmolLM2's tokenizer so that the recipe cuts real calibration windows) runs A³ + GPTQ
 + export through ``a3q run``, as one process and as two gloo processes:
 
-1. uninterrupted, one process (the reference);
-2. two processes, SIGTERM to rank 1 only after layer 0: both ranks agree to stop after layer 0, rank 0 writes the
-   checkpoint and the report, the launcher exits 143 and prints how to resume with ``--nproc 2``;
-3. ``--resume`` with ONE process (from the two-process checkpoint), stopped again after layer 2;
-4. ``--resume`` with TWO processes (from the one-process checkpoint): finishes.
+1. uninterrupted, one process (the reference), alongside the chain;
+2. one process, SIGTERM after layer 0;
+3. ``--resume`` with TWO processes (from the one-process checkpoint), SIGTERM to rank 1 only after layer 2: both
+   ranks agree to stop there, rank 0 gathers the inputs and writes the checkpoint and the report, the launcher exits
+   143 and prints how to resume with ``--nproc 2``;
+4. ``--resume`` with ONE process (from the two-process checkpoint): finishes.
 
 The artifact must equal the reference tensor for tensor. Three windows in batches of two: rank 0 holds a batch of two
 windows, rank 1 a batch of one, so the saved inputs are gathered from batches of different sizes, and with one batch
@@ -84,24 +85,22 @@ def _tensors(artifact: Path) -> dict[str, torch.Tensor]:
 def test_a_distributed_run_checkpoints_and_resumes_with_any_number_of_processes(tmp_path, model_folder):
     reference = _start(_recipe(tmp_path, model_folder, "reference"), tmp_path / "reference", 1)
     recipe, out = _recipe(tmp_path, model_folder, "chain"), tmp_path / "chain"
-    stopped = _start(recipe, out, 2, stop_at="group0.layer0:TERM@1")  # alongside the reference: the test's wall time
-    stderr = _finish(stopped, 143)
+    stderr = _finish(_start(recipe, out, 1, stop_at="group0.layer0:TERM"), 143)  # alongside the reference
     assert "stopped by SIGTERM after layer 0" in stderr
+    assert json.loads((out / "checkpoint" / "checkpoint.json").read_text())["pass"]["next_layer"] == 1
+
+    stderr = _finish(_start(recipe, out, 2, "--resume", stop_at="group0.layer2:TERM@1"), 143)
+    assert "stopped by SIGTERM after layer 2" in stderr
     assert f"resume with: a3q run {recipe} --out {out} --nproc 2 --resume" in stderr
     assert "error:" not in stderr  # torchrun logs the exit code 143; a3q reports a stop, not a failure
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "stopped" and report["world_size"] == 2
-    manifest = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
-    assert manifest["pass"]["next_layer"] == 1
-
-    stderr = _finish(_start(recipe, out, 1, "--resume", stop_at="group0.layer2:TERM"), 143)
-    assert "stopped by SIGTERM after layer 2" in stderr
+    assert report.get("distributed", {}).get("layer_repairs", 0) == 0
     assert json.loads((out / "checkpoint" / "checkpoint.json").read_text())["pass"]["next_layer"] == 3
 
-    _finish(_start(recipe, out, 2, "--resume"), 0)
+    _finish(_start(recipe, out, 1, "--resume"), 0)
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "complete" and report["resumed_from"] == "after layer 2 of stages[0] (a3) + stages[1] (gptq)"
-    assert report["distributed"]["layer_repairs"] == 0
     assert not (out / "checkpoint").exists()
     _finish(reference, 0)
     expected, actual = _tensors(tmp_path / "reference-artifact"), _tensors(tmp_path / "chain-artifact")
