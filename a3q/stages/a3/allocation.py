@@ -97,8 +97,10 @@ def relative_error_curve(layer: LayerStructure, stats: LayerStatistics, componen
         return _tail(scores[None, :])
     group = layer.num_heads // layer.num_kv_heads
     if component == "qk" and rope:
-        pair_scores = qk_pair_scores(stats, layer, qk_norm[1]).sort(descending=True).values[None] if qk_norm else \
-            torch.stack([
+        if qk_norm is not None:  # one set of pairs shared by every KV group
+            pair_scores = qk_pair_scores(stats, layer, qk_norm[1]).sort(descending=True).values[None]
+        else:
+            pair_scores = torch.stack([
                 rope_pair_scores(torch.stack([stats.g_q[h].diagonal() for h in range(kv * group, (kv + 1) * group)]),
                                  stats.g_k[kv].diagonal()).sort(descending=True).values
                 for kv in range(layer.num_kv_heads)
