@@ -33,19 +33,42 @@ def check_run(recipe: Recipe, out: Path) -> list[str]:
     return problems
 
 
-def check_text(recipe: Recipe) -> list[str]:
-    """Whether the text sources can be read and hold the windows the recipe asks for (loads the tokenizer only:
-    it reads and tokenizes every source, chat records through the tokenizer's chat template)."""
-    from transformers import AutoTokenizer
-
-    from a3q.assets.models import resolve_model_path
+def text_demands(recipe: Recipe) -> list:
+    """Every text demand of the recipe: its stages' (evaluation windows, in order) and the calibration's (random
+    windows, drawn from all of the source's)."""
     from a3q.calib.sources import TextDemand
 
     demands = [demand for spec in recipe.stages for demand in spec.config.text_demands(spec.label)]
     if any(spec.config.needs_calibration for spec in recipe.stages):
         cal = recipe.calibration
-        demands.append(TextDemand("calibration.windows", cal.source(), cal.windows, cal.seq_len))
+        demands.append(TextDemand("calibration.windows", cal.source(), cal.windows, cal.seq_len, random=True))
+    return demands
+
+
+def check_text(recipe: Recipe) -> list[str]:
+    """Whether the text sources can be read and hold the windows the recipe asks for (loads the tokenizer only: it
+    reads and tokenizes, streamed, all of the calibration source, whose token count the run then reuses, and each
+    evaluation source as far as its windows need; chat records through the tokenizer's chat template)."""
+    from a3q.io.loading import load_tokenizer
+
+    demands = text_demands(recipe)
     if not demands:
         return []
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(recipe.model, recipe.revision)))
-    return window_shortfalls(tokenizer, demands)
+    return window_shortfalls(load_tokenizer(recipe.model, recipe.revision), demands)
+
+
+def text_bytes(recipe: Recipe) -> int:
+    """Host bytes the recipe's text needs at its peak (for the memory preflight): the calibration windows, kept for
+    the run, plus the largest evaluation's windows and reading buffers (:func:`a3q.calib.windows.text_peak_bytes`;
+    bounded by the windows, never by the size of the files)."""
+    from a3q.calib.windows import text_peak_bytes
+    from a3q.io.loading import load_tokenizer
+
+    demands = text_demands(recipe)
+    if not demands:
+        return 0
+    tokenizer = load_tokenizer(recipe.model, recipe.revision)
+    peaks = [(demand.random, text_peak_bytes(tokenizer, demand.source, demand.seq_len, demand.windows))
+             for demand in demands]
+    return sum(peak for random, peak in peaks if random) + max((peak for random, peak in peaks if not random),
+                                                               default=0)

@@ -18,7 +18,7 @@ console = Console()
 def _fail(message: str) -> None:
     if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # a rank of a distributed run: say which one
         message = f"rank {os.environ.get('RANK', '?')}: {message}"
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -53,7 +53,9 @@ def run(
     from a3q.checkpoint.run import CheckpointRefused
     from a3q.checkpoint.stops import RunStopped
     from a3q.checkpoint.store import CheckpointError
+    from a3q.distributed import DistributedError
     from a3q.engine import StageError, run_recipe
+    from a3q.io.run_lock import OutputBusyError, OutputFolderError
     from a3q.recipe import RecipeError, load_recipe
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,6 +71,8 @@ def run(
     try:
         result = run_recipe(parsed, out, resume=resume, restart=restart, keep_checkpoint=keep_checkpoint)
     except (StageError, RecipeError, CheckpointRefused, CheckpointError) as exc:  # report.json says why
+        _fail(str(exc))
+    except (OutputBusyError, OutputFolderError, DistributedError) as exc:  # the folder or the launch, before any work
         _fail(str(exc))
     except RunStopped as exc:
         where = out if out is not None else parsed.output or "out/run"
@@ -86,12 +90,31 @@ def run(
 
 def _launch(recipe: Path, out: Optional[Path], parsed, nproc: int, resume: bool, restart: bool,
             keep_checkpoint: bool) -> None:
-    """``a3q run RECIPE --nproc N``: the same command in N processes through torch.distributed.run (torchrun)."""
-    from a3q import distributed
+    """``a3q run RECIPE --nproc N``: the same command in N processes through torch.distributed.run (torchrun).
 
-    where = Path(out if out is not None else parsed.output or "out/run").resolve()
+    Nothing starts before the launch is known to fit: the output folder is locked here (for the ranks, which are told
+    so), and everything a run checks before loading is checked once for N processes, memory included."""
+    from a3q import distributed
+    from a3q.engine import launch_problems
+    from a3q.io.run_lock import HELD_ENV, OutputBusyError, OutputFolderError, RunLock, prepare_output_folder
+    from a3q.recipe import RecipeError
+
+    try:
+        distributed.collective_timeout()  # a malformed A3Q_COLLECTIVE_TIMEOUT_S fails here, not in N processes
+        where = prepare_output_folder(Path(out if out is not None else parsed.output or "out/run"))
+        lock = RunLock(where).acquire()
+    except (distributed.DistributedError, OutputBusyError, OutputFolderError) as exc:
+        _fail(str(exc))
+    try:
+        problems = launch_problems(parsed, where, nproc, resume)
+    except RecipeError as exc:
+        problems = exc.problems
+    if problems:
+        lock.release()
+        _fail(f"--nproc {nproc}: " + "; ".join(problems))
     args = ["a3q.cli", "run", str(recipe), "--out", str(where)]
     args += ["--resume"] * resume + ["--restart"] * restart + ["--keep-checkpoint"] * keep_checkpoint
+    os.environ[HELD_ENV] = str(where)
     try:
         distributed.launch(nproc, args)
     except Exception as exc:  # torchrun's ChildFailedError names the ranks that failed
@@ -104,6 +127,9 @@ def _launch(recipe: Path, out: Optional[Path], parsed, nproc: int, resume: bool,
         Console(stderr=True).print(f"[bold red]error:[/] distributed run ({nproc} processes) failed: {ranks}; "
                                    "the failing ranks' errors are printed above", markup=True, highlight=False)
         raise typer.Exit(code=2 if codes == {2} else 1)
+    finally:
+        os.environ.pop(HELD_ENV, None)
+        lock.release()
 
 
 def _report_status(path: Path) -> str | None:
@@ -152,7 +178,7 @@ def evaluate(
     from a3q.assets.cache import write_json_atomic
     from a3q.calib.sources import TextSource
     from a3q.calib.windows import sequential_windows
-    from a3q.io.loading import load_graph
+    from a3q.io.loading import load_graph, load_tokenizer
     from a3q.metrics.perplexity import perplexity
 
     fields = {"corpus": corpus, "split": split, "path": path, "text_field": text_field}
@@ -165,13 +191,14 @@ def evaluate(
                         for e in exc.errors()))
     if offload not in ("none", "cpu"):
         _fail(f"--offload: '{offload}' is not one of none, cpu (evaluation changes no layer, so nothing is written)")
-    try:
+    if json_path is not None and (json_path.is_dir() or (json_path.exists() and not json_path.is_file())):
+        _fail(f"--json: '{json_path}' exists and is not a file")
+    if json_path is not None and not json_path.resolve().parent.is_dir():
+        _fail(f"--json: the folder of '{json_path}' does not exist")
+    try:  # the text first, with the tokenizer alone: a bad source fails before the model loads
+        windows = sequential_windows(load_tokenizer(model), source, seq_len, max_windows)
         graph = load_graph(model, dtype, device=device, offload=offload)
     except _user_errors() as exc:
-        _fail(str(exc))
-    try:
-        windows = sequential_windows(graph.tokenizer, source, seq_len, max_windows)
-    except ValueError as exc:
         _fail(str(exc))
     from a3q.metrics.layerwise import layerwise_window_nll
 

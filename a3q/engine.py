@@ -16,7 +16,8 @@ stage (:mod:`a3q.numerics`).
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,14 @@ from a3q.assets.cache import write_json_atomic
 from a3q.assets.models import resolve_model_path
 from a3q.checkpoint.run import CheckpointRefused, RunCheckpoint
 from a3q.checkpoint.stops import RunStopped, StopSignals
-from a3q.checkpoint.store import CheckpointError
+from a3q.checkpoint.store import CheckpointError, CheckpointFolder
 from a3q.calib.windows import random_windows
 from a3q.graph import ModelGraph
 from a3q.io.loading import load_graph
+from a3q.io.run_lock import (OutputBusyError, OutputFolderError, RunLock, held_by_launcher,
+                             prepare_output_folder)
 from a3q.numerics import check_module_finite
+from a3q.offload import remove_stale_offload_stores
 from a3q.recipe import Recipe, RecipeError
 from a3q.pipeline.runner import run_pipeline
 from a3q.pipeline.stage import CalibratingStage
@@ -98,12 +102,36 @@ def run_recipe(
     rank 0 writes ``report.json``, checkpoints and artifacts; ``resume`` reads the checkpoint on every rank.
     """
     world = distributed.env_world_size()
+    out = prepare_output_folder(Path(output_dir or recipe.output or "out/run"))
     joined = distributed.init(distributed.rank_device(recipe.device))
     try:
-        return _run_recipe(recipe, output_dir, console, show_table, resume, restart, keep_checkpoint, world)
+        with output_lock(out):
+            return _run_recipe(recipe, out, console, show_table, resume, restart, keep_checkpoint, world)
     finally:
         if joined:
             distributed.destroy()
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold ``out`` for this run (:mod:`a3q.io.run_lock`): one run per output folder. In a data-parallel run the
+    launcher holds it (or, under a bare ``torchrun``, rank 0 takes it) and every rank learns whether it could."""
+    lock = RunLock(out)
+    problem = None
+    if distributed.is_main() and not held_by_launcher(out):
+        try:
+            lock.acquire()
+        except (OutputBusyError, OutputFolderError) as exc:
+            problem = (type(exc).__name__, str(exc))
+    problem = distributed.broadcast_object(problem)
+    if problem is not None:
+        raise (OutputBusyError if problem[0] == "OutputBusyError" else OutputFolderError)(problem[1])
+    try:
+        if distributed.is_main():  # nobody else can be using them: this run holds the folder
+            remove_stale_offload_stores(out)
+        yield
+    finally:
+        lock.release()
 
 
 def _write_report(path: Path, payload: dict[str, Any]) -> None:
@@ -113,10 +141,22 @@ def _write_report(path: Path, payload: dict[str, Any]) -> None:
 
 
 def distributed_problems(recipe: Recipe, world: int) -> list[str]:
-    """What a data-parallel run of ``recipe`` cannot do (checked before the model loads)."""
+    """What a data-parallel run of ``recipe`` cannot do (checked before the model loads, and by ``a3q run --nproc``
+    before it starts any process): a calibration too small for every process to get a whole batch, training stages
+    that do not run data-parallel."""
     if world <= 1:
         return []
     problems = []
+    calibrating = [spec for spec in recipe.stages if spec.config.needs_calibration]
+    if calibrating:
+        windows = recipe.calibration.windows
+        batch = max(getattr(spec.config, "batch_size", CalibratingStage.batch_size) for spec in calibrating)
+        batches = -(-windows // batch)
+        if batches < world:
+            problems.append(f"calibration.windows: {windows} window(s) in batches of {batch} make {batches} batch(es), "
+                            f"too few for {world} processes (every process needs a whole batch): set "
+                            f"calibration.windows ≥ {(world - 1) * batch + 1}, a smaller batch_size, or at most "
+                            f"--nproc {max(1, batches)}")
     for spec in (spec for spec in recipe.stages if type(spec.config).trains):
         check = getattr(spec.config, "data_parallel_problem", None)  # a training stage that runs under DDP (lora)
         problem = check(world) if check is not None else (
@@ -127,14 +167,21 @@ def distributed_problems(recipe: Recipe, world: int) -> list[str]:
     return problems
 
 
-def _run_recipe(recipe: Recipe, output_dir: str | Path | None, console: Console | None, show_table: bool,
+def launch_problems(recipe: Recipe, out: Path, world: int, resume: bool) -> list[str]:
+    """What ``a3q run --nproc N`` checks before it starts any process: everything a run checks before loading (the
+    output folder, batches per process, the text, the checkpoint to resume), and the memory of N runs at once."""
+    problems = check_run(recipe, out) + distributed_problems(recipe, world)
+    if resume and not CheckpointFolder(out / "checkpoint").exists():
+        problems.append(f"--resume: there is no checkpoint in '{out / 'checkpoint'}'; run without --resume")
+    return problems or check_text(recipe) or preflight(recipe, {}, processes=world)
+
+
+def _run_recipe(recipe: Recipe, out: Path, console: Console | None, show_table: bool,
                 resume: bool, restart: bool, keep_checkpoint: bool, world: int) -> RunResult:
     main = distributed.is_main()
     console = console or Console(stderr=True, quiet=not main)
-    out = Path(output_dir or recipe.output or "out/run").resolve()
     problems = check_run(recipe, out) + distributed_problems(recipe, world)
     distributed.barrier()  # every process checked the output folder and targets before rank 0 writes into them
-    out.mkdir(parents=True, exist_ok=True)
     report = Report(context={"a3q_version": __version__, "status": "running", "model": recipe.model,
                              "recipe": recipe.raw, "world_size": distributed.world_size()})
     _write_report(out / "report.json", report.to_json())
@@ -163,7 +210,12 @@ def _run_recipe(recipe: Recipe, output_dir: str | Path | None, console: Console 
 
     with StopSignals() as stops:
         try:
-            problems = problems or check_text(recipe) or preflight(recipe, report.context)  # memory; device/dtype
+            if resume and not CheckpointFolder(out / "checkpoint").exists():  # before any text is read
+                raise CheckpointRefused(f"--resume: there is no checkpoint in '{out / 'checkpoint'}'; run without "
+                                        "--resume")
+            # memory; device/dtype (a launcher already checked its processes together: each then counts once)
+            problems = problems or check_text(recipe) or preflight(recipe, report.context,
+                                                                   processes=1 if held_by_launcher(out) else None)
             if problems:
                 raise RecipeError(problems)
             checkpoint = RunCheckpoint.open(out, recipe, resolve_model_path(recipe.model, recipe.revision), resume,
@@ -177,8 +229,8 @@ def _run_recipe(recipe: Recipe, output_dir: str | Path | None, console: Console 
                 if saved_model is None:
                     graph = load_graph(recipe.model, recipe.dtype, device=distributed.rank_device(recipe.device),
                                        revision=recipe.revision, **offload)
-                else:
-                    graph = load_graph(saved_model, checkpoint.model_dtype() or recipe.dtype,
+                else:  # verify=False: opening the checkpoint just checked every file of it against its hash
+                    graph = load_graph(saved_model, checkpoint.model_dtype() or recipe.dtype, verify=False,
                                        device=distributed.rank_device(recipe.device), **offload)
                     graph.source = recipe.model
                 if checkpoint.history() is not None:  # stages that left no model copy are in it too
@@ -254,6 +306,9 @@ def _run_groups(recipe: Recipe, graph: ModelGraph, out: Path, report: Report, ch
                 check_module_finite(graph.model, f"{labels}: output")
             except RunStopped as exc:
                 raise stopped(exc, f"during {labels}") from None
+            except CheckpointError as exc:  # a checkpointed pass that cannot be restored: named, one line
+                fail(str(exc), exc)
+                raise
             except Exception as exc:
                 fail(f"{labels}: {exc}", exc)
                 raise StageError(f"{labels} failed: {exc}") from exc

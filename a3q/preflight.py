@@ -15,7 +15,9 @@ recipe's fields. Its components, in bytes (a rough upper bound of the peak, not 
 * ``forward_workspace``: the largest batch one stage runs (``batch_size × seq_len``): a layer's activations, the
   attention scores, the logits and the float64 log-softmax of one window;
 * ``lora_training``: a ``lora`` stage's adapter weights, gradients and Adam state (16 bytes per trainable parameter)
-  plus the activations kept for the backward pass.
+  plus the activations kept for the backward pass;
+* ``text``: the calibration windows (kept for the run), the largest evaluation's windows and the buffers that read
+  and tokenize one record (:func:`a3q.checks.text_bytes`): text is streamed, so this never grows with a file's size.
 
 On a CPU everything is host memory. On a GPU the model, activations, statistics and workspace are device memory;
 the host holds the runtime and, while loading, the checkpoint's pages. :func:`check_memory` compares the estimate with
@@ -26,6 +28,7 @@ does not fit, naming the recipe fields that would make it fit.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -115,7 +118,7 @@ def layer_statistics_bytes(hidden: int, intermediate: int) -> int:
     return 8 * max(observed + 2 * hidden * hidden, 3 * intermediate * intermediate)
 
 
-def estimate_memory(recipe: Any, folder: Path | None = None, offload: str | None = None) -> dict[str, Any]:
+def estimate_memory(recipe: Any, folder: Path | None = None, offload: str | None = None, text: int = 0) -> dict[str, Any]:
     """Estimate the run's peak memory: ``{"device", "dtype", "offload", "host": {component: bytes},
     "device_memory": {...}, "host_total", "device_total"}`` (device entries only on a GPU). Reads config.json and
     safetensors headers. ``offload`` (default: the recipe's, ``auto`` counting as ``none``): with ``cpu``/``disk``
@@ -178,11 +181,12 @@ def estimate_memory(recipe: Any, folder: Path | None = None, offload: str | None
 
     estimate: dict[str, Any] = {"device": str(device), "dtype": dtype_name(dtype), "offload": mode}
     if device.type == "cpu":
-        host = {"runtime": RUNTIME_BYTES, **model_side, "weights_file_pages": file_pages, "offload_store": store}
+        host = {"runtime": RUNTIME_BYTES, **model_side, "weights_file_pages": file_pages, "offload_store": store,
+                "text": text}
         estimate["host"] = host
     else:
         pages = file_bytes if mode == "none" else file_pages
-        estimate["host"] = {"runtime": RUNTIME_BYTES, "weights_file_pages": pages, "offload_store": store}
+        estimate["host"] = {"runtime": RUNTIME_BYTES, "weights_file_pages": pages, "offload_store": store, "text": text}
         estimate["device_memory"] = model_side
         estimate["device_total"] = sum(model_side.values())
     estimate["host_total"] = sum(estimate["host"].values())
@@ -240,10 +244,14 @@ def _advice(recipe: Any, estimate: dict[str, Any], parts: dict[str, int]) -> lis
     return advice
 
 
-def check_memory(recipe: Any, folder: Path | None = None, estimate: dict[str, Any] | None = None) -> dict[str, Any]:
+def check_memory(recipe: Any, folder: Path | None = None, estimate: dict[str, Any] | None = None,
+                 processes: int = 1) -> dict[str, Any]:
     """Estimate the run's memory and refuse it (:class:`~a3q.recipe.RecipeError`) when it cannot fit.
 
-    Returns the estimate (for the report), with ``available_host`` / ``available_device`` in bytes when known.
+    ``processes``: how many copies of the run this machine holds at once (a data-parallel run's processes on this
+    host): each loads the model and keeps its own activations and statistics, so host memory is needed that many
+    times; on GPUs every process has a device of its own. Returns the estimate (for the report), with
+    ``available_host`` / ``available_device`` in bytes when known.
     """
     from a3q.recipe import RecipeError
 
@@ -251,8 +259,9 @@ def check_memory(recipe: Any, folder: Path | None = None, estimate: dict[str, An
     problems = []
     host = available_host_memory()
     estimate["available_host"] = host
-    if host is not None and estimate["host_total"] > HEADROOM * host:
-        problems.append(_refusal("host memory", estimate["host_total"], host, estimate["host"], recipe, estimate))
+    if host is not None and processes * estimate["host_total"] > HEADROOM * host:
+        problems.append(_refusal("host memory", estimate["host_total"], host, estimate["host"], recipe, estimate,
+                                 processes))
     if "device_memory" in estimate:
         free = available_device_memory(torch.device(estimate["device"]))
         estimate["available_device"] = free
@@ -265,35 +274,56 @@ def check_memory(recipe: Any, folder: Path | None = None, estimate: dict[str, An
 
 
 def _refusal(what: str, needed: int, available: int, parts: dict[str, int], recipe: Any,
-             estimate: dict[str, Any]) -> str:
+             estimate: dict[str, Any], processes: int = 1) -> str:
     largest = sorted(((value, key) for key, value in parts.items() if value), reverse=True)[:3]
     breakdown = ", ".join(f"{key} {_gib(value)}" for value, key in largest)
+    if processes > 1:
+        fit = int(HEADROOM * available // needed) if needed else processes
+        return (f"memory: {processes} processes need about {_gib(processes * needed)} of {what} ({_gib(needed)} each: "
+                f"{breakdown}; dtype {estimate['dtype']}) but {_gib(available)} is available: "
+                + (f"at most {fit} process(es) fit (--nproc {fit})" if fit >= 1 else "not even one process fits"))
     return (f"memory: the run needs about {_gib(needed)} of {what} ({breakdown}; dtype {estimate['dtype']}) but "
             f"{_gib(available)} is available; to fit, try: " + "; ".join(_advice(recipe, estimate, parts)))
 
 
-def preflight(recipe: Any, context: dict[str, Any] | None = None) -> list[str]:
+def local_processes() -> int:
+    """Processes of this run on this machine: torchrun's ``LOCAL_WORLD_SIZE`` (1 outside torchrun)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def preflight(recipe: Any, context: dict[str, Any] | None = None, processes: int | None = None) -> list[str]:
     """The engine's check before loading: ``[]`` when the run fits, else the refusal (one problem per memory).
 
     Records the resolved ``device`` and ``dtype`` and the estimate (``memory_estimate``, bytes) in ``context`` (the
     report's). An estimate that cannot be made (an unreadable header: loading will say why) refuses nothing.
+    ``processes``: copies of the run on this machine (default: :func:`local_processes`); a GPU run needs a GPU each.
     """
     from a3q.assets.models import HubModelError
+    from a3q.checks import text_bytes
     from a3q.recipe import RecipeError, offload_problems
 
     context = context if context is not None else {}
     requested = getattr(recipe, "offload", "none")
     context["offload"] = "none" if requested == "auto" else requested
     try:
-        estimate = estimate_memory(recipe)
+        text = text_bytes(recipe)  # the windows and reading buffers, bounded by the windows (not by file sizes)
+        estimate = estimate_memory(recipe, text=text)
     except HubModelError as exc:
         return [f"model: {exc}"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         context["memory_estimate"] = {"error": f"{type(exc).__name__}: {exc}"}
         return []
     context.update(device=estimate["device"], dtype=estimate["dtype"], memory_estimate=estimate)
+    processes = local_processes() if processes is None else processes
+    if estimate["device"] != "cpu" and processes > 1 and torch.cuda.is_available() \
+            and processes > torch.cuda.device_count():
+        return [f"device: {processes} processes need a GPU each, and this machine has {torch.cuda.device_count()} "
+                f"(--nproc {torch.cuda.device_count()}, or device: cpu)"]
     try:
-        check_memory(recipe, estimate=estimate)
+        check_memory(recipe, estimate=estimate, processes=processes)
         return []
     except RecipeError as exc:
         problems = list(exc.problems)
@@ -304,9 +334,9 @@ def preflight(recipe: Any, context: dict[str, Any] | None = None) -> list[str]:
         blocked = offload_problems(recipe.stages, mode)
         if blocked:
             return problems + [f"offload: auto would offload the layers, but {blocked[0]}"]
-        offloaded = estimate_memory(recipe, offload=mode)
+        offloaded = estimate_memory(recipe, offload=mode, text=text)
         try:
-            check_memory(recipe, estimate=offloaded)
+            check_memory(recipe, estimate=offloaded, processes=processes)
         except RecipeError:
             continue
         context.update(offload=mode, memory_estimate=offloaded)

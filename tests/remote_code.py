@@ -22,7 +22,8 @@ _SCRIPT = textwrap.dedent(
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
-    directory, io_path, expected_class, device_map, remote_class, adapter = sys.argv[1:7]
+    directory, io_path, expected_class, device_map, remote_class, adapter, threads = sys.argv[1:8]
+    torch.set_num_threads(int(threads))  # the caller's: float32 GEMMs split their sums by thread
     kwargs = {"device_map": device_map} if device_map else {}
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, **kwargs).eval()
     assert not expected_class or type(model).__name__ == expected_class, type(model)
@@ -47,6 +48,9 @@ def remote_code_logits(
     ``device_map`` is passed on when given; ``remote_class=False`` accepts a transformers class (a checkpoint of a
     dense architecture, e.g. bitsandbytes-quantized Llama) instead of requiring one from the artifact's own code.
     With ``adapter`` (a PEFT adapter folder), the logits of ``PeftModel.from_pretrained(model, adapter)``.
+    The fresh process uses the caller's number of torch threads: a CPU's float32 kernels split their sums by thread,
+    so only the same count gives the same arithmetic (on an Intel Xeon, 1 vs 2 threads moved A³ + GPTQ logits by
+    4e-5).
     """
     directory = Path(directory)
     io_path = directory.parent / f"{directory.name}-io.safetensors"
@@ -55,7 +59,7 @@ def remote_code_logits(
     env.pop("PYTHONPATH", None)
     proc = subprocess.run(
         [sys.executable, "-c", _SCRIPT, str(directory), str(io_path), expected_class, device_map or "",
-         "1" if remote_class else "0", str(adapter or "")],
+         "1" if remote_class else "0", str(adapter or ""), str(torch.get_num_threads())],
         cwd=directory.parent, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

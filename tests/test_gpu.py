@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.gpu,
 
 DENSE = pinned.DENSE
 A3_20 = pinned.PINNED["a3 20%"][1]
-A3_20_GPTQ_4BIT_G64 = pinned.PINNED["a3 20% (sequential) + gptq 4-bit g64"][1]
+A3_20_GPTQ_4BIT_G64 = pinned.PINNED["a3 20% (sequential) + gptq 4-bit g64, float64"][1]
 
 
 @pytest.fixture(scope="module")

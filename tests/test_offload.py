@@ -7,6 +7,7 @@ export, perplexity, GPT-2's converted names); the real-model check is the last t
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,9 +183,12 @@ def test_stages_that_need_the_whole_model_are_refused_at_validation(llama_folder
 def test_offload_auto_offloads_only_when_the_model_does_not_fit(llama_folder, monkeypatch):
     from a3q import preflight
 
+    from a3q.checks import text_bytes
+
     recipe = _recipe(llama_folder, STAGE_LISTS["a3+gptq"], device="cpu")
-    whole = preflight.estimate_memory(recipe, offload="none")["host_total"]
-    offloaded = preflight.estimate_memory(recipe, offload="disk")["host_total"]
+    text = text_bytes(recipe)  # what preflight counts for the calibration text
+    whole = preflight.estimate_memory(recipe, offload="none", text=text)["host_total"]
+    offloaded = preflight.estimate_memory(recipe, offload="disk", text=text)["host_total"]
     assert offloaded < whole
     context: dict = {}
     monkeypatch.setattr(preflight, "available_host_memory", lambda: int(whole / preflight.HEADROOM) + 1024)
@@ -201,6 +205,49 @@ def test_offload_auto_offloads_only_when_the_model_does_not_fit(llama_folder, mo
     monkeypatch.setattr(preflight, "available_host_memory", lambda: 1 << 20)
     problems = preflight.preflight(blocked, {})
     assert any("offload: auto would offload the layers, but stages[0] (bnb)" in p for p in problems), problems
+
+
+def test_stale_offload_stores_are_removed_and_nothing_else(tmp_path):
+    """A store a killed run left (``kill -9``: no cleanup ran) is removed by the next run in the folder; a live
+    store, an unmarked look-alike, a link, a store holding a file a3q did not write and a marker that is a link stay."""
+    import json
+    import subprocess
+    import sys
+
+    from a3q.offload import STORE_MARKER, new_store, remove_stale_offload_stores
+
+    killed = subprocess.run([sys.executable, "-c", "import os, sys; from a3q.offload import new_store; "
+                             "s = new_store(sys.argv[1]); (s / 'layer-00000.safetensors').write_bytes(b'x' * 64); "
+                             "print(s, flush=True); os.kill(os.getpid(), 9)", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9
+    stale = Path(killed.stdout.strip())
+    elsewhere = new_store(tmp_path)  # made on another machine (a shared disk): the run lock says it is not in use
+    (elsewhere / STORE_MARKER).write_text(json.dumps({"pid": 1, "start": 0, "host": "another-machine"}))
+    live = new_store(tmp_path)  # this process's
+    look_alike = tmp_path / f"{STORE_PREFIX}by-hand"
+    look_alike.mkdir()
+    (look_alike / "layer-00000.safetensors").write_bytes(b"mine")
+    with_user_file = new_store(tmp_path)
+    (with_user_file / STORE_MARKER).write_text(json.dumps({"pid": 1, "start": 0, "host": "another-machine"}))
+    (with_user_file / "notes.txt").write_text("mine")
+    outside = tmp_path / "outside"
+    target = new_store(outside)
+    (target / STORE_MARKER).write_text(json.dumps({"pid": 1, "start": 0, "host": "another-machine"}))
+    link = tmp_path / f"{STORE_PREFIX}link"
+    link.symlink_to(target, target_is_directory=True)
+    linked_marker = new_store(tmp_path)
+    (linked_marker / STORE_MARKER).unlink()
+    (linked_marker / STORE_MARKER).symlink_to(elsewhere / STORE_MARKER)
+    (tmp_path / f"{STORE_PREFIX}file").write_text("a file, not a store")
+
+    removed = remove_stale_offload_stores(tmp_path)
+    assert sorted(removed) == sorted([stale, elsewhere]) and not stale.exists() and not elsewhere.exists()
+    for kept in (live, look_alike, with_user_file, link, target, linked_marker, tmp_path / f"{STORE_PREFIX}file"):
+        assert kept.exists() or kept.is_symlink(), kept
+    assert (look_alike / "layer-00000.safetensors").read_bytes() == b"mine"
+    assert (with_user_file / "notes.txt").read_text() == "mine" and (target / STORE_MARKER).is_file()
+    assert remove_stale_offload_stores(tmp_path) == [] and remove_stale_offload_stores(tmp_path / "none") == []
 
 
 def test_smollm2_offloaded_to_disk_gives_the_in_memory_artifact(tmp_path, smollm2_path):

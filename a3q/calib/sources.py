@@ -2,7 +2,7 @@
 
 A recipe's ``calibration`` block and an ``evaluate`` stage name their text with exactly one of:
 
-* ``corpus: enwiki`` (+ ``split``: ``calib`` | ``test`` | ``all``), the bundled corpus (:mod:`a3q.calib.corpus`);
+* ``corpus: enwiki`` or ``news`` (+ ``split``: ``calib`` | ``test`` | ``all``), a bundled corpus (:mod:`a3q.calib.corpus`);
   the default when none of the three is given;
 * ``path: FILE_OR_DIR``: a ``.txt`` file (the whole file is one document), a ``.jsonl`` file (one JSON record
   per line), a ``.json`` file (an array of records) or a ``.parquet`` file (one record per row); a folder means
@@ -13,16 +13,19 @@ A recipe's ``calibration`` block and an ``evaluate`` stage name their text with 
   ``parquet``, ``text`` read ``data_files``).
 
 A record is a document through its text field (a string), or, when it has no such field but has ``messages``
-(a list of ``{role, content}``), through the tokenizer's chat template
+(a list of ``{role, content}`` objects with string values), through the tokenizer's chat template
 (``tokenizer.apply_chat_template(messages, tokenize=False)``): an instruct model calibrates on what it sees at
 inference. Empty documents are skipped; a source without any text is an error. Relative paths resolve against the
 working directory.
 
 What can be checked without reading all the text is checked when the config is validated (so a recipe fails before
 anything loads): one source only, fields that belong to another kind of source, a path that is missing or has an
-unsupported extension, and the text field of each file's first record. Everything else (non-UTF-8 bytes, bad JSON,
-a record without the field, no text at all) fails when the text is read, with the source named
-(:func:`a3q.calib.documents.load_documents`); the engine reads it before the model loads (``a3q.checks.check_text``).
+unsupported extension, and the text field of each file's first record (and that it is not nested too deeply to
+parse). Everything else (non-UTF-8 bytes, bad JSON, a record without the field or of the wrong type, a record over
+``MAX_RECORD_BYTES``, no text at all) fails when the text is read, as one line naming the source, the file and the
+record (:mod:`a3q.calib.documents`, which reads a source incrementally). The engine reads it before the model loads
+(``a3q.checks.check_text``): all of a calibration source (its tokens are counted), and as much of an evaluation
+source as its windows need.
 """
 
 from __future__ import annotations
@@ -148,12 +151,15 @@ def enwiki(split: str = "calib") -> TextSource:
 
 class TextDemand(NamedTuple):
     """Windows a recipe will cut from a source: checked by ``a3q.checks.check_text`` before the model loads.
-    ``where`` names the asking field (``stages[0] (evaluate): max_windows``)."""
+    ``where`` names the asking field (``stages[0] (evaluate): max_windows``). ``random``: the windows are drawn
+    from all of the source's (calibration), so its tokens are all counted (and the count is kept for the run);
+    otherwise they are the first ones, and counting stops once there are enough."""
 
     where: str
     source: TextSourceFields
     windows: int
     seq_len: int
+    random: bool = False
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -210,21 +216,38 @@ def _first_record_problem(file: Path, text_field: str | None) -> str | None:
         try:
             names = pq.read_schema(file).names
         except Exception as exc:  # noqa: BLE001 (pyarrow raises several kinds)
-            return f"not a readable parquet file ({exc})"
+            return f"not a readable parquet file ({one_line(exc)})"
         return _field_problem(names, text_field)
     try:
-        record = _peek_record(file, suffix)
+        place, record = _peek_record(file, suffix)
     except UnicodeDecodeError as exc:
         return f"not UTF-8 text (byte {exc.start:,})"
+    except _TooDeep as exc:
+        return f"{exc} is nested too deeply to read (JSON arrays/objects inside each other beyond Python's recursion " \
+               "limit)"
     if record is None or isinstance(record, str):
         return None  # empty files fail when read; a JSON array of strings has no fields
     if not isinstance(record, dict):
-        return f"the first record is a {type(record).__name__}, not an object"
+        return f"the first record ({place}) is a {type(record).__name__}, not an object"
     return _field_problem(list(record), text_field)
 
 
-def _peek_record(file: Path, suffix: str) -> Any:
-    """The first record of a .jsonl or .json file, or None when it cannot be seen cheaply (errors come on reading)."""
+class _TooDeep(Exception):
+    """A record nested too deeply for the JSON parser; the message is its place (``line 1``, ``record 0``)."""
+
+
+def _parse_first(text: str, place: str, start: int = 0) -> tuple[str, Any]:
+    try:
+        return place, json.JSONDecoder().raw_decode(text, start)[0]
+    except RecursionError:
+        raise _TooDeep(place) from None
+    except ValueError:  # not JSON (a JSONDecodeError; the reading names it), or an integer too long to convert
+        return place, None
+
+
+def _peek_record(file: Path, suffix: str) -> tuple[str, Any]:
+    """``(place, record)``: the first record of a .jsonl or .json file, or ``(place, None)`` when it cannot be seen
+    cheaply (errors come on reading). Raises :class:`_TooDeep` for a record nested too deeply to parse."""
     with file.open("rb") as handle:
         head = handle.read(_JSON_PEEK_BYTES)
     try:
@@ -234,28 +257,37 @@ def _peek_record(file: Path, suffix: str) -> Any:
             raise
         text = head[: exc.start].decode("utf-8-sig")
     if suffix == ".jsonl":
-        line = next((line for line in text.splitlines() if line.strip()), None)
-        try:
-            return json.loads(line) if line is not None else None
-        except json.JSONDecodeError:
-            return None
+        lines = text.split("\n")
+        if len(head) == _JSON_PEEK_BYTES:
+            lines = lines[:-1]  # the last line may be cut short
+        number, line = next(((n, line) for n, line in enumerate(lines, start=1) if line.strip()), (1, None))
+        return _parse_first(line.strip(), f"line {number}") if line is not None else ("line 1", None)
     start = len(text) - len(text.lstrip())
     if not text[start:].startswith("["):
-        return None
+        return "record 0", None
     rest = text[start + 1 :]
-    first = len(rest) - len(rest.lstrip())
-    try:
-        return json.JSONDecoder().raw_decode(rest, first)[0]
-    except json.JSONDecodeError:
-        return None
+    return _parse_first(rest, "record 0", len(rest) - len(rest.lstrip()))
+
+
+def one_line(error: Any) -> str:
+    """An error's text on one line (runs of whitespace, newlines included, become one space)."""
+    return " ".join(str(error).split())
+
+
+def shown_names(names: Any, limit: int = 20) -> str:
+    """Field or key names for a message, on one line: escaped where not printable, the first ``limit`` of them."""
+    names = list(names)
+    shown = [str(name) if str(name).isprintable() else str(name).encode("unicode_escape").decode("ascii")
+             for name in names[:limit]]
+    more = f", ... ({len(names):,} in all)" if len(names) > limit else ""
+    return (", ".join(shown) or "none") + more
 
 
 def _field_problem(names: list[str], text_field: str | None) -> str | None:
     field = text_field or DEFAULT_TEXT_FIELD
     if field in names or (text_field is None and "messages" in names):
         return None
-    listed = ", ".join(names) if names else "none"
-    return f"no field '{field}' (fields: {listed}); set text_field, or give chat 'messages'"
+    return f"no field '{field}' (fields: {shown_names(names)}); set text_field, or give chat 'messages'"
 
 
 def local_files(data_files: DataFiles) -> list[str]:

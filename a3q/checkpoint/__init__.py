@@ -1,6 +1,8 @@
 """Checkpoints and clean stops for long runs (``OUT/checkpoint``; ``a3q run --resume`` / ``--restart``).
 
-* :mod:`a3q.checkpoint.store`: the folder, its manifest, atomic tensor files, recipe and model identity;
+* :mod:`a3q.checkpoint.store`: the folder, its sealed manifest, atomic tensor files, recipe and model identity, what
+  in the folder is a3q's (nothing else is followed or deleted);
+* :mod:`a3q.checkpoint.consistency`: every field of a manifest against the recipe and the model, before a resume works;
 * :mod:`a3q.checkpoint.run`: whether a run may use the folder (resume, restart), checkpoints after each stage group;
 * :mod:`a3q.checkpoint.layer_pass`: checkpoints inside a pipeline pass (after planning, every few layers) and
   restoring one;

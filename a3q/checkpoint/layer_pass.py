@@ -16,13 +16,17 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from a3q import distributed
+from a3q.checkpoint.consistency import LAYER_LISTS
 from a3q.checkpoint.layers import restore_layer, save_layer
 from a3q.checkpoint.ranks import agree, batches_of_rank, gather_batches
 from a3q.checkpoint.state import join_tensors, map_tensors, rng_state, set_rng_state, split_tensors
@@ -69,21 +73,23 @@ class PassCheckpoint:
                                       "calibration text or the resolved dtype changed; --restart starts over")
         config = graph.model.config
         current = json.loads(config.to_json_string(use_diff=False))
-        for key, value in self.saved["config"].items():
-            if current.get(key) != value and _changes_mid_pass(key, current, len(graph.layers)):
+        for key, value in self.saved["config"].items():  # checked when the checkpoint was opened
+            if current.get(key) != value and _changes_mid_pass(key):
                 setattr(config, key, value)
+        root = self.run.folder.root
         for index_text, record in sorted(self.layers.items(), key=lambda item: int(item[0])):
-            tensors = read_tensors(self.run.folder.root / record["file"])
-            if graph.offload is None:
-                restore_layer(graph.model, graph.family, int(index_text), record["modules"], tensors)
-            else:  # an offloaded model: the finished layer goes to the offload store, not into memory
-                graph.offload.restore(int(index_text), record["modules"], tensors)
-        tensors = read_tensors(self.run.folder.root / self.saved["state_file"])
-        state = join_tensors(self.saved["state"], tensors)
+            with _restoring(root / record["file"], f"layer {index_text} of the model"):
+                tensors = read_tensors(root / record["file"])
+                if graph.offload is None:
+                    restore_layer(graph.model, graph.family, int(index_text), record["modules"], tensors)
+                else:  # an offloaded model: the finished layer goes to the offload store, not into memory
+                    graph.offload.restore(int(index_text), record["modules"], tensors)
         to_model = lambda tensor: tensor.to(parameter.device)  # noqa: E731  (files load onto the CPU)
-        for stage, stage_state in zip(stages, state["stages"]):
-            stage.load_state_dict(map_tensors(stage_state, to_model))
-        set_rng_state(state["rng"])
+        with _restoring(root / self.saved["state_file"], "the pass's state"):
+            state = join_tensors(self.saved["state"], read_tensors(root / self.saved["state_file"]))
+            for stage, stage_state in zip(stages, state["stages"]):
+                stage.load_state_dict(map_tensors(stage_state, to_model))
+            set_rng_state(state["rng"])
         return Resumed(next_layer=self.saved["next_layer"], hidden=self._my_batches(state["hidden"], to_model))
 
     def _my_batches(self, hidden: dict[str, list[Tensor]], to_model: Any) -> dict[str, list[Tensor]]:
@@ -145,18 +151,18 @@ class PassCheckpoint:
         if not self.run.owner:  # ranks ≠ 0 of a distributed run never write
             self.since_layers, self.since = 0, time.monotonic()
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.run.folder.create()
+        self.run.folder.own_folder(self.folder.name)  # refused when a link: nothing is written through one
         for layer in range(len(self.layers), index + 1):
             modules, tensors = save_layer(graph.model, graph.family, layer)
             name = f"{self.folder.name}/layer-{layer:05d}.safetensors"
-            self.run.bytes_written += write_tensors(self.run.folder.root / name, tensors)
+            self._record(name, write_tensors(self.run.folder.root / name, tensors))
             self.layers[str(layer)] = {"file": name, "modules": modules}
         tensors: dict[str, Tensor] = {}
         state = split_tensors({"hidden": hidden, "stages": [stage.state_dict() for stage in stages],
                                "rng": rng_state()}, tensors)
         state_file = f"{self.folder.name}/state-{index + 1:05d}.safetensors"
-        self.run.bytes_written += write_tensors(self.run.folder.root / state_file, tensors)
+        self._record(state_file, write_tensors(self.run.folder.root / state_file, tensors))
         previous = self.saved["state_file"] if self.saved else None
         self.saved = {"group": self.group, "next_layer": index + 1, "layers": self.layers, "state_file": state_file,
                       "windows_sha256": self.windows_sha256, "dtype": str(next(graph.model.parameters()).dtype),
@@ -164,13 +170,30 @@ class PassCheckpoint:
         position = "after planning" if index < 0 else f"after layer {index}"
         self.run.commit(**{"pass": self.saved, "position": f"{position} of {self.label}"})
         if previous and previous != state_file:
-            (self.run.folder.root / previous).unlink(missing_ok=True)
+            self.run.folder.remove_file(previous)
+            self.run.records.pop(previous, None)
         self.since_layers, self.since = 0, time.monotonic()
         self.run.seconds += time.perf_counter() - started
 
+    def _record(self, name: str, record: dict[str, Any]) -> None:
+        self.run.records[name] = record
+        self.run.bytes_written += record["bytes"]
 
-def _changes_mid_pass(key: str, config: dict[str, Any], layers: int) -> bool:
-    """Whether a stage may have changed config ``key`` inside a pass: per-layer lists (sizes) and a3q's own records
-    (``a3q_factorized``). Nothing else is taken from a checkpoint's config."""
-    value = config.get(key)
-    return key.startswith("a3q_") or (isinstance(value, list) and len(value) == layers)
+
+def _changes_mid_pass(key: str) -> bool:
+    """Whether a stage may have changed config ``key`` inside a pass: the per-layer sizes
+    (:data:`~a3q.checkpoint.consistency.LAYER_LISTS`) and a3q's own records (``a3q_factorized``). Nothing else is
+    taken from a checkpoint's config."""
+    return key in LAYER_LISTS or key.startswith("a3q_")
+
+
+@contextmanager
+def _restoring(path: Path, what: str) -> Iterator[None]:
+    """A file that passed every check but still cannot be put back (a resealed, crafted one) is refused by name."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (tensor names, shapes, module arguments, state attributes)
+        raise CheckpointError(f"checkpoint file '{path}' cannot be restored as {what} ({exc}); --restart starts "
+                              "over") from None

@@ -14,6 +14,9 @@ hashes each shard and the index like any other file, reading them back in 1 MiB 
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +85,7 @@ def save_artifact(
                 save_with_remote_code(graph.model, staging, max_shard_size=shard_bytes)
             else:
                 _save_transformers_model(graph.model, staging, max_shard_size=shard_bytes)
-        graph.tokenizer.save_pretrained(staging)
+        save_tokenizer(graph.tokenizer, staging)
         if graph.kv_cache is not None:  # quantized cache: generate() uses it without a3q too
             from a3q.cache.remote import write_remote_cache_code
 
@@ -113,17 +116,38 @@ def weights_record(folder: Path, max_shard_size: int | None = None) -> dict[str,
 
 
 def _save_transformers_model(model: Any, staging: Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
-    """``save_pretrained`` for a model of a transformers class, without an ``auto_map`` inherited from its input.
-
-    An input folder may name remote code in ``config.auto_map``; a3q loaded it with transformers' own class and does
-    not ship that code, so keeping the entry would point a ``trust_remote_code`` loader at files that are not there
-    (or that someone adds later).
-    """
-    auto_map = getattr(model.config, "auto_map", None)
-    if auto_map is not None:
-        del model.config.auto_map
-    try:
+    """``save_pretrained`` for a model of a transformers class, without an ``auto_map`` inherited from its input."""
+    with without_input_auto_map(model.config):
         model.save_pretrained(staging, max_shard_size=max_shard_size)
+
+
+@contextmanager
+def without_input_auto_map(config: Any) -> Iterator[None]:
+    """``config.auto_map`` set aside while a model of a transformers class is saved.
+
+    An input folder may name remote code in ``auto_map``; a3q loaded it with transformers' own class and does not
+    ship that code, so keeping the entry would point a ``trust_remote_code`` loader at files that are not there (or
+    that someone adds later).
+    """
+    auto_map = getattr(config, "auto_map", None)
+    if auto_map is not None:
+        del config.auto_map
+    try:
+        yield
     finally:
         if auto_map is not None:
-            model.config.auto_map = auto_map
+            config.auto_map = auto_map
+
+
+def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """``tokenizer.save_pretrained(folder)`` without the input's ``auto_map``: a3q loads tokenizers with
+    transformers' own classes and ships no tokenizer code, so an ``auto_map`` copied from the input's
+    ``tokenizer_config.json`` would make ``AutoTokenizer.from_pretrained(artifact, trust_remote_code=True)`` (and
+    lm_eval's command line, which passes it) look for code that is not there."""
+    tokenizer.save_pretrained(folder)
+    config_path = folder / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if isinstance(config, dict) and "auto_map" in config:
+            del config["auto_map"]
+            write_json_atomic(config_path, config)

@@ -16,6 +16,7 @@ import torch
 from a3q.arch import describe
 from a3q.assets.models import resolve_model_path
 from a3q.io.manifest import MANIFEST_NAME, ArtifactError, read_manifest, verify_artifact
+from a3q.io.model_folder import ModelFolderError, model_folder_problem
 
 __all__ = ["DTYPES", "MANIFEST_NAME", "ArtifactError", "load_graph", "read_manifest"]
 
@@ -55,12 +56,15 @@ def load_graph(reference: str | Path, dtype: str = "float32", verify: bool = Tru
 
     path = resolve_model_path(str(reference), revision)
     manifest = read_manifest(path)
+    if verify and manifest is not None:
+        verify_artifact(path, manifest)
+    problem = model_folder_problem(Path(path)) if verify else None  # the file at fault named, before transformers
+    if problem:                                                      # reads anything (verify=False trusts the folder)
+        raise ModelFolderError(problem)
     config = _config_dict(path)
     where = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, config, where)
-    if verify and manifest is not None:
-        verify_artifact(path, manifest)
-    elif verify and _written_by_a3q(config):
+    if verify and manifest is None and _written_by_a3q(config):
         raise ArtifactError(f"{Path(path) / MANIFEST_NAME}: missing, but config.json says a3q wrote this folder "
                             "(pass verify=False to load it unchecked)")
     offloaded = None
@@ -94,6 +98,18 @@ def load_graph(reference: str | Path, dtype: str = "float32", verify: bool = Tru
 
         graph = attach_adapter(graph, Path(path) / "adapter")
     return graph
+
+
+def load_tokenizer(reference: str | Path, revision: str | None = None):
+    """The tokenizer of a model reference alone (the folder checked first, as :func:`load_graph` does): for work that
+    must happen before the model loads, such as reading and checking text."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(str(reference), revision)
+    problem = model_folder_problem(Path(path))
+    if problem:
+        raise ModelFolderError(problem)
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def _config_dict(path: Path) -> dict:

@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from a3q.io.atomic import STAGING_MARKER
 
 MANIFEST_NAME = "a3q.json"
@@ -73,7 +75,57 @@ def read_manifest(path: Path | str) -> dict[str, Any] | None:
         raise ArtifactError(f"{manifest}: not valid JSON ({exc})") from None
     if not isinstance(payload, dict):
         raise ArtifactError(f"{manifest}: expected a JSON object, got {type(payload).__name__}")
+    problem = manifest_shape_problem(payload)
+    if problem:
+        raise ArtifactError(f"{manifest}: {problem}; not an a3q manifest as written by export")
     return payload
+
+
+class _FileRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int | None = Field(None, ge=0)
+
+
+class _Weights(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    files: list[str] = []
+    shards: int = Field(0, ge=0)
+    index: str | None = None
+    max_shard_size: int | None = None
+
+
+class _Structure(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    history: list[dict[str, Any]] = []
+    kv_cache: dict[str, Any] | None = None
+    layers: list[dict[str, Any]] = []
+
+
+class _ManifestShape(BaseModel):
+    """The types of the fields a3q reads from a manifest (every reader may then trust them)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    format: int | None = Field(None, ge=1)
+    a3q_version: str | None = None
+    recipe: dict[str, Any] | None = None
+    report: list[dict[str, Any]] | None = None
+    structure: _Structure | None = None
+    weights: _Weights | None = None
+    files: dict[str, _FileRecord | str]
+    manifest_sha256: str | None = None
+
+
+def manifest_shape_problem(payload: dict[str, Any]) -> str | None:
+    """Why ``payload`` does not have the types of an a3q manifest (the first field at fault), or None."""
+    try:
+        _ManifestShape.model_validate(payload)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "manifest"
+        value = repr(error.get("input"))[:60]
+        return f"field '{where}': {error['msg']} (got {value})"
+    return None
 
 
 def _listed(manifest: dict[str, Any], where: Path) -> dict[str, dict[str, Any]]:

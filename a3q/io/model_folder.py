@@ -21,15 +21,19 @@ _TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "m
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
 
 
-def _read_json(path: Path) -> tuple[object | None, str | None]:
-    if path.stat().st_size > _MAX_CONFIG_BYTES:
-        return None, f"{path.name} is larger than {_MAX_CONFIG_BYTES >> 20} MiB"
+def _read_json(path: Path, limit: int = _MAX_CONFIG_BYTES) -> tuple[object | None, str | None]:
+    if path.stat().st_size > limit:
+        return None, f"{path.name} is larger than {limit >> 20} MiB"
     try:
         return json.loads(path.read_bytes().decode("utf-8")), None
     except UnicodeDecodeError:
         return None, f"{path.name} is not UTF-8 text"
     except (json.JSONDecodeError, RecursionError) as exc:
         return None, f"{path.name} is not valid JSON ({exc})"
+
+
+class ModelFolderError(ValueError):
+    """A model folder cannot be loaded (:func:`model_folder_problem` says why, naming the file)."""
 
 
 class HeaderError(ValueError):
@@ -93,8 +97,12 @@ def _weights_problem(folder: Path) -> str | None:
             return f"only pickled weights ({pickled[0]}); a3q loads safetensors only and never unpickles a file"
         return "no *.safetensors weights"
     for file in files:
-        if not file.is_file():
-            return f"weights file {file.name} is missing (named in {WEIGHTS_INDEX})"
+        if not file.exists() and not file.is_symlink():
+            where = f" (named in {WEIGHTS_INDEX})" if weight_map is not None else ""
+            return f"weights file {file.name} is missing{where}"
+        problem = file_problem(folder, file.name)
+        if problem:
+            return f"weights file {problem}"
         keys, problem = _safetensors_header(file)
         if problem:
             return problem
@@ -105,13 +113,66 @@ def _weights_problem(folder: Path) -> str | None:
     return None
 
 
+#: tokenizer files that are JSON (checked as JSON before a tokenizer is built from them)
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json")
+_MAX_TOKENIZER_BYTES = 256 << 20
+
+
+def _trusted_root(folder: Path) -> Path:
+    """Where the files of ``folder`` may live: the folder itself, or for a Hugging Face cache snapshot
+    (``models--org--name/snapshots/REV``) the repository's cache folder, whose ``blobs/`` the snapshot links into."""
+    resolved = folder.resolve()
+    if resolved.parent.name == "snapshots" and resolved.parent.parent.name.startswith("models--"):
+        return resolved.parent.parent
+    return resolved
+
+
+def file_problem(folder: Path, name: str) -> str | None:
+    """Why ``folder/name`` (which exists or is a link) cannot be read as a model file: a symlink that leads outside
+    the folder (or its Hub cache repository), or something that is not a regular file (a FIFO, a device, a folder)."""
+    path = folder / name
+    try:
+        if path.is_symlink():
+            target = path.resolve()
+            root = _trusted_root(folder)
+            if target != root and root not in target.parents:
+                return f"{name} is a symlink to '{target}', outside the model folder; a3q does not follow it"
+        if not path.is_file():
+            return f"{name} is not a regular file"
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a path we may not read
+        return f"{name} cannot be read ({getattr(exc, 'strerror', None) or exc})"
+    return None
+
+
+def _tokenizer_problem(folder: Path) -> str | None:
+    """The tokenizer's files: one complete set present, each a regular file in the folder, JSON files valid JSON."""
+    present = [name for group in _TOKENIZER_FILES for name in group if (folder / name).exists()
+               or (folder / name).is_symlink()]
+    present += [name for name in _TOKENIZER_JSON if name not in present and ((folder / name).exists()
+                                                                           or (folder / name).is_symlink())]
+    for name in present:
+        problem = file_problem(folder, name)
+        if problem:
+            return problem
+        if name in _TOKENIZER_JSON:
+            _, problem = _read_json(folder / name, _MAX_TOKENIZER_BYTES)
+            if problem:
+                return problem
+    if not any(all((folder / name).is_file() for name in group) for group in _TOKENIZER_FILES):
+        return "no tokenizer (tokenizer.json, tokenizer.model, or vocab.json + merges.txt)"
+    return None
+
+
 def model_folder_problem(folder: Path) -> str | None:
     """Why ``folder`` cannot be loaded as a model, or None. Reads JSON and file headers only."""
     from a3q.arch import supported_model_types
 
     config_path = folder / "config.json"
-    if not config_path.is_file():
+    if not config_path.exists() and not config_path.is_symlink():
         return f"folder '{folder}' has no config.json (not a Hugging Face model folder)"
+    problem = file_problem(folder, "config.json")
+    if problem:
+        return f"'{folder}': {problem}"
     config, problem = _read_json(config_path)
     if problem:
         return f"'{folder}': {problem}"
@@ -127,9 +188,12 @@ def model_folder_problem(folder: Path) -> str | None:
             verify_artifact(folder, manifest, hashes=False)
     except ArtifactError as exc:
         return str(exc)
+    if (folder / WEIGHTS_INDEX).exists() or (folder / WEIGHTS_INDEX).is_symlink():
+        problem = file_problem(folder, WEIGHTS_INDEX)
+        if problem:
+            return f"'{folder}': {problem}"
     problem = _weights_problem(folder)
     if problem:
         return f"'{folder}': {problem}"
-    if not any(all((folder / name).is_file() for name in group) for group in _TOKENIZER_FILES):
-        return f"'{folder}': no tokenizer (tokenizer.json, tokenizer.model, or vocab.json + merges.txt)"
-    return None
+    problem = _tokenizer_problem(folder)
+    return f"'{folder}': {problem}" if problem else None

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from a3q.arch import LAYER_PREFIX
+from a3q.io.artifact import without_input_auto_map
 from a3q.offload import hold_layer
 
 #: the most bytes of tensors one shard holds when the model is offloaded (its tensors are in memory while written)
@@ -89,14 +90,8 @@ def save_offloaded_model(graph: Any, folder: Path, max_shard_size: int) -> list[
     if is_a3_model(model):
         add_remote_code(model, folder, save=lambda: written.extend(write()))
     else:
-        auto_map = getattr(model.config, "auto_map", None)  # remote code a3q does not ship (see a3q.io.artifact)
-        if auto_map is not None:
-            del model.config.auto_map
-        try:
+        with without_input_auto_map(model.config):
             written = write()
-        finally:
-            if auto_map is not None:
-                model.config.auto_map = auto_map
     return written
 
 

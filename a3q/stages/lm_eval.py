@@ -3,7 +3,8 @@
 ```yaml
 - stage: lm_eval
   tasks: [enwiki_rolling, enwiki_next_sentence]   # task names, as on lm_eval's command line (hub tasks too)
-  include_path: tasks/          # a folder (or YAML file) of local task configs; relative to the working directory
+  include_path: tasks/          # a folder (or YAML file) of local task configs; relative to the working directory;
+                                # task files may run Python (`!function`): trust them like remote code
   limit: 50                     # documents per task (int), or a fraction of them (float ≤ 1); default all
   batch_size: 1
   num_fewshot: 0                # default: each task's own
@@ -26,12 +27,14 @@ are per word / per byte, not per token.
 from __future__ import annotations
 
 import copy
+import difflib
+import functools
 import importlib.util
 import math
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from a3q.registry import StageConfig, register_stage
 
@@ -71,6 +74,20 @@ class LmEvalConfig(StageConfig):
             raise ValueError(f"'{value}' does not exist (relative paths resolve against the working directory)")
         return value
 
+    @model_validator(mode="after")
+    def _known_tasks(self):  # noqa: ANN202 (pydantic returns the model)
+        """Task names are resolved now, before any stage runs: a misspelt task must not fail after an hour of
+        compression (and leave a checkpoint that the corrected recipe cannot resume)."""
+        known = _known_task_names(self.include_path, tuple(self.tasks))
+        unknown = [name for name in self.tasks if name not in known]
+        if unknown:
+            hints = [difflib.get_close_matches(name, known, n=1) for name in unknown]
+            named = ", ".join(f"'{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                              for name, hint in zip(unknown, hints))
+            where = f"in include_path '{self.include_path}' or " if self.include_path else ""
+            raise ValueError(f"tasks: unknown task(s) {named}: not {where}among lm_eval's tasks")
+        return self
+
     @field_validator("limit")
     @classmethod
     def _limit(cls, value: int | float | None) -> int | float | None:
@@ -94,6 +111,13 @@ def task_manager(include_path: str | None, tasks: list[str]) -> Any:
             return local
         return TaskManager(include_path=str(Path(include_path).expanduser().resolve()))
     return TaskManager()
+
+
+@functools.lru_cache(maxsize=8)
+def _known_task_names(include_path: str | None, tasks: tuple[str, ...]) -> frozenset[str]:
+    """Every task, group and tag name the harness would resolve for ``tasks`` (building the built-in index takes
+    seconds, so it is built once per process)."""
+    return frozenset(task_manager(include_path, list(tasks)).all_tasks)
 
 
 def wrap_model(model: Any, tokenizer: Any, batch_size: int) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,13 +18,19 @@ WANTED = ("config.json", "generation_config.json", "model.safetensors", "tokeniz
 
 @pytest.fixture
 def hub_home(tmp_path, monkeypatch, smollm2_path):
-    """``$HF_HOME/hub/models--a3q-test--smollm2-mirror`` with SmolLM2's files (symlinks) at ``REV`` = refs/main."""
+    """``$HF_HOME/hub/models--a3q-test--smollm2-mirror`` with SmolLM2's files at ``REV`` = refs/main, laid out as the
+    Hub cache does: the files in ``blobs/`` (hard links here), the snapshot's names symlinks into them."""
     storage = tmp_path / "hub" / ("models--" + REPO.replace("/", "--"))
-    snapshot = storage / "snapshots" / REV
+    snapshot, blobs = storage / "snapshots" / REV, storage / "blobs"
     snapshot.mkdir(parents=True)
+    blobs.mkdir()
     for name in WANTED:
         if (Path(smollm2_path) / name).is_file():
-            (snapshot / name).symlink_to(Path(smollm2_path) / name)
+            try:
+                os.link(Path(smollm2_path) / name, blobs / name)
+            except OSError:  # another file system
+                shutil.copyfile(Path(smollm2_path) / name, blobs / name)
+            (snapshot / name).symlink_to(Path("..") / ".." / "blobs" / name)
     (storage / "refs").mkdir()
     (storage / "refs" / "main").write_text(REV)
     for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):

@@ -14,26 +14,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from a3q.calib.corpus import corpus_text, load_articles, split_articles
+from a3q.calib.corpus import corpus_text
 from a3q.calib.sources import TextDemand, TextSource, TextSourceError, enwiki
-from a3q.calib.windows import random_windows, sequential_windows, token_stream, window_shortfalls
+from a3q.calib.tokens import token_stream
+from a3q.calib.windows import random_windows, sequential_windows, window_shortfalls
 from a3q.checks import check_text
 from a3q.engine import run_recipe
 from a3q.recipe import RecipeError, parse_recipe
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(smollm2_path))
-
-
-@pytest.fixture(scope="module")
-def docs() -> list[str]:
-    """The first paragraphs of five held-out articles: short real documents."""
-    articles = split_articles(load_articles("enwiki"), "test")[:5]
-    return [article.text[:1500].strip() for article in articles]
 
 
 def _tokens(tokenizer, text: str) -> torch.Tensor:
@@ -98,14 +85,8 @@ def test_chat_records_are_rendered_with_the_chat_template(tmp_path, tokenizer, d
         token_stream(plain, source)
 
 
-def test_a_datasets_json_builder_over_data_files(tmp_path, monkeypatch, tokenizer, docs):
-    datasets = pytest.importorskip("datasets")
+def test_a_datasets_json_builder_over_data_files(tmp_path, datasets_cache, tokenizer, docs):
     cache = tmp_path / "hf"
-    monkeypatch.setenv("HF_HOME", str(cache))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache / "datasets")
-    monkeypatch.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", cache / "datasets" / "downloads")
-    monkeypatch.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", cache / "datasets" / "downloads" / "extracted")
     files = _jsonl(tmp_path / "body.jsonl", [{"title": f"t{i}", "body": doc} for i, doc in enumerate(docs)])
 
     source = TextSource(dataset="json", data_files=files, text_field="body")

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,15 +116,33 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def model_with_tokenizer_auto_map(source: Path, target: Path) -> Path:
+    """SmolLM2's folder (files hard-linked, or copied across file systems) whose ``tokenizer_config.json`` names remote
+    tokenizer code that is not there, as some Hub models' do: the export must not carry that ``auto_map`` on."""
+    target.mkdir()
+    for file in source.iterdir():
+        try:
+            os.link(file, target / file.name)
+        except OSError:
+            shutil.copyfile(file, target / file.name)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_missing.MissingTokenizer", None]}
+    (target / "tokenizer_config.json").unlink()
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    return target
+
+
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory, one_thread):
-    """A³ 10% on SmolLM2, then lm_eval on both local tasks, then export (for the command-line check)."""
+def evaluated(tmp_path_factory, one_thread, smollm2_path):
+    """A³ 10% on SmolLM2 (a copy whose tokenizer config names missing remote code), then lm_eval on both local
+    tasks, then export (for the command-line check)."""
     tmp_path = tmp_path_factory.mktemp("lm-eval")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     data = write_tasks(tasks)
+    model = model_with_tokenizer_auto_map(smollm2_path, tmp_path / "smollm2-auto-map")
     recipe = parse_recipe({
-        "model": "smollm2-135m", "calibration": CALIBRATION,
+        "model": str(model), "calibration": CALIBRATION,
         "stages": [
             {"stage": "a3", "ratio": 0.1},
             {"stage": "lm_eval", "tasks": ["enwiki_rolling", "enwiki_next_sentence"], "include_path": str(tasks),
@@ -204,6 +223,7 @@ def test_exported_artifact_runs_under_the_lm_eval_command_line(evaluated):
                "--model_args", f"pretrained={tmp_path / 'art'},trust_remote_code=True",
                "--tasks", "enwiki_rolling", "--include_path", str(tmp_path / "tasks"),
                "--device", "cpu", "--batch_size", "4", "--output_path", str(out)]
+    assert "auto_map" not in json.loads((tmp_path / "art" / "tokenizer_config.json").read_text())
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["enwiki_rolling"]

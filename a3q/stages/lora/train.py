@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from a3q import distributed
 from a3q.calib.sources import TextSource
-from a3q.calib.windows import random_windows, sequential_windows
+from a3q.calib.tokens import count_tokens
+from a3q.calib.windows import random_windows
 from a3q.stages.lora.data_parallel import (batch_problem, data_parallel, global_sum, rank_loss_scale,
                                              rank_share)
 
@@ -59,7 +60,7 @@ class TrainResult:
 def training_windows(tokenizer, corpus: str, split: str, seq_len: int, wanted: int, seed: int) -> torch.Tensor:
     """``min(wanted, available)`` distinct windows of the split, chosen with the seed."""
     source = TextSource(corpus=corpus, split=split)
-    available = sequential_windows(tokenizer, source, seq_len).shape[0]
+    available = count_tokens(tokenizer, source) // seq_len
     return random_windows(tokenizer, source, seq_len, min(wanted, available), seed)
 
 
