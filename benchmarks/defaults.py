@@ -56,9 +56,14 @@ def rows(group: str, model: str) -> dict[str, list[tuple[str, dict]]]:
             for allocation in ("uniform", "global"):
                 table[f"a3 {ratio:.0%}, {allocation}"] = [("a3", {"ratio": ratio, "allocation": allocation})]
         return table
-    if group == "qk_norm":
-        return {f"a3 {ratio:.0%}, qk_norm {mode}": [("a3", {"ratio": ratio, "allocation": "uniform", "qk_norm": mode})]
-                for ratio in (0.1, 0.2) for mode in ("keep", "pre_norm", "post_norm")}
+    if group == "qk_norm":  # keep leaves QK whole: at equal size it takes more of OV and MLP (Gemma-3-270M's sizes)
+        table = {f"a3 {ratio:.0%}, qk_norm {mode}": [("a3", {"ratio": ratio, "allocation": "uniform", "qk_norm": mode})]
+                 for ratio in (0.1, 0.2) for mode in ("keep", "pre_norm", "post_norm")}
+        keep_ratio = 0.2 * 5_570_560 / 4_751_360  # all decoder linears / OV + MLP of one Gemma-3-270M layer
+        table["a3 20%, global, qk_norm keep (equal size)"] = [("a3", {"ratio": keep_ratio, "qk_norm": "keep"})]
+        for ratio in (0.1, 0.2, 0.3):
+            table[f"a3 {ratio:.0%}, global, qk_norm post_norm"] = [("a3", {"ratio": ratio, "qk_norm": "post_norm"})]
+        return table
     raise ValueError(group)
 
 

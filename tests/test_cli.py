@@ -20,7 +20,7 @@ def test_run_recipe_then_eval_and_inspect_the_artifact(tmp_path, monkeypatch):
         "calibration": {"corpus": "enwiki", "split": "calib", "windows": 4, "seq_len": 128, "seed": 0},
         "stages": [
             {"stage": "evaluate", "split": "test", "seq_len": 128, "max_windows": 2},
-            {"stage": "a3", "ratio": 0.2},
+            {"stage": "a3", "allocation": "uniform", "ratio": 0.2},
             {"stage": "evaluate", "split": "test", "seq_len": 128, "max_windows": 2},
             {"stage": "export", "path": "artifacts/a3-20"},
             {"stage": "reload"},

@@ -260,6 +260,7 @@ calibration: {{corpus: enwiki, split: calib, windows: 4, seq_len: 128, seed: 0}}
 stages:
   - stage: a3
     ratio: 0.2
+    allocation: uniform
     batch_size: 3
   - stage: gptq
     bits: 4

@@ -25,7 +25,7 @@ def test_training_stage_gets_before_and_after_perplexity_from_the_engine(tmp_pat
 def test_a_shared_pass_reports_a_row_per_stage(tmp_path):
     recipe = parse_recipe({
         "model": "smollm2-135m", "calibration": {"windows": 2, "seq_len": 64},
-        "stages": [{"stage": "a3", "ratio": 0.2, "statistics": "sequential", "components": ["mlp"]},
+        "stages": [{"stage": "a3", "allocation": "uniform", "ratio": 0.2, "statistics": "sequential", "components": ["mlp"]},
                    {"stage": "gptq", "bits": 8, "group_size": 64, "skip_modules": ["layers.1."]}],
     })
     run_recipe(recipe, tmp_path / "run", show_table=False)

@@ -81,7 +81,7 @@ def test_report_status_and_checks_before_loading(tmp_path, monkeypatch):
     with pytest.raises(RecipeError, match=r"stages\[0\] \(evaluate\): max_windows: enwiki/test has [\d,]+ tokens, i\.e\. 256 windows of 512"):
         run_recipe(recipe, "run2", show_table=False)
     recipe = parse_recipe({"model": "smollm2-135m", "calibration": {"windows": 5000, "seq_len": 512},
-                           "stages": [{"stage": "a3", "ratio": 0.2}]})
+                           "stages": [{"stage": "a3", "allocation": "uniform", "ratio": 0.2}]})
     with pytest.raises(RecipeError, match=r"calibration\.windows: enwiki/calib has [\d,]+ tokens, i\.e\. 1146 windows"):
         run_recipe(recipe, "run3", show_table=False)
 

@@ -49,7 +49,7 @@ def test_dense_perplexity_on_cuda(on_cuda, windows):
 def test_a3_20_on_cuda_matches_the_cpu_pin(on_cuda, windows):
     from a3q.engine import apply_stages
 
-    graph, _ = apply_stages(copy.deepcopy(on_cuda), [("a3", {"ratio": 0.2})], windows=windows[0])
+    graph, _ = apply_stages(copy.deepcopy(on_cuda), [("a3", {"allocation": "uniform", "ratio": 0.2})], windows=windows[0])
     assert next(graph.model.parameters()).device.type == "cuda"
     assert _ppl(graph, windows[1]) == pytest.approx(A3_20, rel=1e-2)
 
@@ -57,7 +57,7 @@ def test_a3_20_on_cuda_matches_the_cpu_pin(on_cuda, windows):
 def test_a3_20_and_gptq_4bit_on_cuda(on_cuda, windows):
     from a3q.engine import apply_stages
 
-    stages = [("a3", {"ratio": 0.2, "statistics": "sequential"}), ("gptq", {"bits": 4, "group_size": 64})]
+    stages = [("a3", {"allocation": "uniform", "ratio": 0.2, "statistics": "sequential"}), ("gptq", {"bits": 4, "group_size": 64})]
     graph, (a3_metrics, gptq_metrics) = apply_stages(copy.deepcopy(on_cuda), stages, windows=windows[0])
     assert all(buffer.device.type == "cuda" for buffer in graph.model.buffers())
     assert _ppl(graph, windows[1]) == pytest.approx(A3_20_GPTQ_4BIT_G64, rel=0.15)
@@ -70,7 +70,7 @@ def test_a_recipe_runs_on_cuda_end_to_end(tmp_path):
     recipe = parse_recipe({
         "model": "smollm2-135m", "device": "cuda", "dtype": "auto",
         "calibration": {"windows": 8, "seq_len": 256},
-        "stages": [{"stage": "a3", "ratio": 0.2}, {"stage": "gptq", "bits": 4, "group_size": 64},
+        "stages": [{"stage": "a3", "allocation": "uniform", "ratio": 0.2}, {"stage": "gptq", "bits": 4, "group_size": 64},
                    {"stage": "evaluate", "seq_len": 256, "max_windows": 4},
                    {"stage": "export", "path": str(tmp_path / "artifact")}, {"stage": "reload"},
                    {"stage": "evaluate", "seq_len": 256, "max_windows": 4}],

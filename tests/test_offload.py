@@ -259,7 +259,7 @@ def test_smollm2_offloaded_to_disk_gives_the_in_memory_artifact(tmp_path, smollm
         recipe = parse_recipe({
             "model": "smollm2-135m", "device": "cpu", "dtype": "float32", "offload": offload,
             "calibration": {"windows": 4, "seq_len": 128, "seed": 0},
-            "stages": [{"stage": "a3", "ratio": 0.2},
+            "stages": [{"stage": "a3", "allocation": "uniform", "ratio": 0.2},
                        {"stage": "gptq", "bits": 4, "group_size": 64, "skip_modules": ["mlp."]},
                        {"stage": "evaluate", "max_windows": 2, "seq_len": 256},
                        {"stage": "export", "path": str(tmp_path / offload / "artifact"), "max_shard_size": "100MB"}]})

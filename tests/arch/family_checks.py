@@ -142,7 +142,7 @@ def check_pipeline(full, ratio: float = 0.3) -> None:
     torch.testing.assert_close(LayerProbe(graph, windows[:2]).reference, expected,
                                rtol=1e-5, atol=1e-5)
     before = [(layer.qk_head_dim, layer.vo_head_dim, layer.intermediate_size) for layer in graph.layers]
-    graph, _ = apply_stage(graph, "a3", windows=windows, ratio=ratio, batch_size=2)
+    graph, _ = apply_stage(graph, "a3", windows=windows, ratio=ratio, allocation="uniform", batch_size=2)
     after = [(layer.qk_head_dim, layer.vo_head_dim, layer.intermediate_size) for layer in graph.layers]
     assert all(sum(a) < sum(b) for a, b in zip(after, before)), (before, after)
     nll = _window_nll(graph.model, windows)

@@ -73,7 +73,7 @@ def test_a3_recipe_end_to_end(tmp_path, smollm2_path):
     recipe = parse_recipe({
         "model": str(folder), "device": "cpu", "dtype": "float32",
         "calibration": {"windows": 4, "seq_len": 64, "seed": 0},
-        "stages": [evaluate, {"stage": "a3", "ratio": 0.3}, evaluate,
+        "stages": [evaluate, {"stage": "a3", "allocation": "uniform", "ratio": 0.3}, evaluate,
                    {"stage": "export", "path": str(tmp_path / "artifact")}]}, check_model=False)
     result = run_recipe(recipe, tmp_path / "run", show_table=False)
 

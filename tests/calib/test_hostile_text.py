@@ -139,7 +139,7 @@ def test_the_cli_refuses_a_bad_data_file_in_one_line_with_exit_2_before_the_mode
                           ("chat.jsonl", "path 'chat.jsonl': line 2: 'messages' must be chat messages")]:
         (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
             "model": "smollm2-135m", "calibration": {"path": data, "windows": 1, "seq_len": 8},
-            "stages": [{"stage": "a3", "ratio": 0.2}]}))
+            "stages": [{"stage": "a3", "allocation": "uniform", "ratio": 0.2}]}))
         result = CliRunner().invoke(app, ["run", "recipe.yaml", "--out", f"run-{data}"])
         lines = [line for line in result.output.splitlines() if line.strip()]  # "error: invalid recipe:" + a line
         assert result.exit_code == 2 and len(lines) <= 2 and message in lines[-1], result.output

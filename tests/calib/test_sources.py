@@ -177,7 +177,7 @@ def test_recipes_name_their_own_text_and_fail_before_the_model_loads(tmp_path, m
     recipe = parse_recipe({
         "model": "smollm2-135m",
         "calibration": {"path": "chat.jsonl", "windows": 2, "seq_len": 64, "seed": 0},
-        "stages": [{"stage": "evaluate", "path": "held_out", "seq_len": 64, "max_windows": 2}, {"stage": "a3", "ratio": 0.2}],
+        "stages": [{"stage": "evaluate", "path": "held_out", "seq_len": 64, "max_windows": 2}, {"stage": "a3", "allocation": "uniform", "ratio": 0.2}],
     })
     assert recipe.calibration.describe() == "path 'chat.jsonl'" and recipe.calibration.windows == 2
     assert recipe.stages[0].config.source().describe() == "path 'held_out'"
@@ -198,7 +198,7 @@ def test_recipes_name_their_own_text_and_fail_before_the_model_loads(tmp_path, m
 
     # before the model loads: too few tokens, named with the source and the counts
     recipe = parse_recipe({"model": "smollm2-135m", "calibration": {"path": "chat.jsonl", "windows": 500, "seq_len": 512},
-                           "stages": [{"stage": "a3", "ratio": 0.2}]})
+                           "stages": [{"stage": "a3", "allocation": "uniform", "ratio": 0.2}]})
     with pytest.raises(RecipeError, match=r"calibration\.windows: path 'chat\.jsonl' has [\d,]+ tokens, i\.e\. \d windows of 512; 500 asked for"):
         run_recipe(recipe, tmp_path / "run", show_table=False)
     assert json.loads((tmp_path / "run" / "report.json").read_text())["status"] == "failed"

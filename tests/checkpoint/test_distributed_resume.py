@@ -50,7 +50,7 @@ def _recipe(folder: Path, model: Path, name: str) -> Path:
     recipe = {
         "model": str(model), "device": "cpu",
         "calibration": {"corpus": "enwiki", "split": "calib", "windows": 3, "seq_len": 32, "seed": 0},
-        "stages": [{"stage": "a3", "ratio": 0.3, "batch_size": 2},
+        "stages": [{"stage": "a3", "allocation": "uniform", "ratio": 0.3, "batch_size": 2},
                    {"stage": "gptq", "bits": 4, "group_size": 16, "batch_size": 2},
                    {"stage": "export", "path": str(folder / f"{name}-artifact")}],
     }

@@ -54,7 +54,7 @@ def made(tmp_path_factory, smollm2_path) -> Made:
     tokenizer.save_pretrained(root / "model")
     raw = {"model": str(root / "model"), "device": "cpu",
            "calibration": {"corpus": "enwiki", "split": "calib", "windows": 3, "seq_len": 32, "seed": 0},
-           "stages": [{"stage": "a3", "ratio": 0.3, "batch_size": 2}, {"stage": "kv", "kv_ratio": 0.3, "batch_size": 2},
+           "stages": [{"stage": "a3", "allocation": "uniform", "ratio": 0.3, "batch_size": 2}, {"stage": "kv", "kv_ratio": 0.3, "batch_size": 2},
                       {"stage": "gptq", "bits": 4, "group_size": 16, "batch_size": 2}]}
     made = Made(root / "model", root / "out", parse_recipe(raw))
     os.environ[TEST_STOP_VARIABLE] = "group1.layer1:TERM"

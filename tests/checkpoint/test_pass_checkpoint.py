@@ -25,7 +25,7 @@ from tests.stages.a3.test_pipeline_tiny import tiny_llama
 
 WINDOWS = torch.randint(0, 96, (6, 24), generator=torch.Generator().manual_seed(1))
 STAGE_LISTS = {
-    "a3+gptq": [{"stage": "a3", "ratio": 0.3}, {"stage": "gptq", "bits": 4, "group_size": 16}],
+    "a3+gptq": [{"stage": "a3", "allocation": "uniform", "ratio": 0.3}, {"stage": "gptq", "bits": 4, "group_size": 16}],
     "a3-global": [{"stage": "a3", "ratio": 0.3, "allocation": "global", "probe_windows": 2, "probe_seq_len": 16}],
     "svd_llm": [{"stage": "svd_llm", "ratio": 0.3}],
     "kv-ranks": [{"stage": "kv", "kv_ratio": 0.3}],
@@ -144,7 +144,7 @@ def test_the_checkpoint_is_refused_for_another_recipe_or_model_and_never_overwri
     monkeypatch.delenv(TEST_STOP_VARIABLE)
     with pytest.raises(CheckpointRefused, match=r"unfinished run \(after layer 1 of test pass\): --resume"):
         RunCheckpoint.open(out, recipe, model_folder, resume=False, restart=False, stops=StopSignals())
-    changed = _recipe(model_folder, [{"stage": "a3", "ratio": 0.2}, STAGE_LISTS["a3+gptq"][1]])
+    changed = _recipe(model_folder, [{"stage": "a3", "allocation": "uniform", "ratio": 0.2}, STAGE_LISTS["a3+gptq"][1]])
     with pytest.raises(CheckpointRefused, match=r"recipe differs.*stages\[0\]: .*0\.3.* → .*0\.2"):
         RunCheckpoint.open(out, changed, model_folder, resume=True, restart=False, stops=StopSignals())
     cadence = _recipe(model_folder, STAGE_LISTS["a3+gptq"], checkpoint_every=5, output="elsewhere")

@@ -29,7 +29,7 @@ RECIPE = {
     "model": "smollm2-135m",
     "calibration": {"windows": 4, "seq_len": 128},
     "stages": [
-        {"stage": "a3", "ratio": 0.2},
+        {"stage": "a3", "allocation": "uniform", "ratio": 0.2},
         {"stage": "gptq", "bits": 4, "group_size": 64, "skip_modules": ["mlp."]},
         {"stage": "export", "path": "ARTIFACT"},
     ],

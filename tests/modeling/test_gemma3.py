@@ -84,7 +84,7 @@ def test_real_gemma3_a3_smoke(gemma3_real):
     started = time.perf_counter()
     dense = perplexity(gemma3_real.model, evaluation, progress=False).perplexity
     # the stage converts the dense model to a3q's class (a copy) before changing anything: no deepcopy needed
-    compressed, metrics = apply_stage(gemma3_real, "a3", windows=calibration, ratio=0.2)
+    compressed, metrics = apply_stage(gemma3_real, "a3", windows=calibration, ratio=0.2, allocation="uniform")
     assert gemma3_real.model.config.model_type == "gemma3_text" and compressed.model is not gemma3_real.model
     print(f"stage {time.perf_counter() - started:.1f}s")
     assert metrics["ranks"] == {"qk": 204, "vo": 204, "ff": 1638} and 0.2 <= metrics["achieved_ratio"] < 0.205

@@ -33,7 +33,7 @@ def _groups(stages):
 
 
 def test_engine_groups_consecutive_calibrating_stages_only():
-    a3, gptq, evaluate = {"stage": "a3", "ratio": 0.2}, {"stage": "gptq", "bits": 4}, {"stage": "evaluate"}
+    a3, gptq, evaluate = {"stage": "a3", "allocation": "uniform", "ratio": 0.2}, {"stage": "gptq", "bits": 4}, {"stage": "evaluate"}
     assert _groups([a3, gptq, evaluate]) == [["a3", "gptq"], ["evaluate"]]
     assert _groups([a3, evaluate, gptq]) == [["a3"], ["evaluate"], ["gptq"]]
     # a planning stage (global allocation) sees the model as its pass receives it: it starts a pass of its own
@@ -45,7 +45,7 @@ def test_engine_groups_consecutive_calibrating_stages_only():
 
 
 def test_a3_then_kv_ranks_leave_config_modules_and_description_agreeing():
-    graph, _ = apply_stages(graph_of(tiny_llama()), [("a3", {"ratio": 0.3, "components": ["mlp"]}),
+    graph, _ = apply_stages(graph_of(tiny_llama()), [("a3", {"allocation": "uniform", "ratio": 0.3, "components": ["mlp"]}),
                                                      ("kv", {"kv_ratio": 0.3})], tokens())
     layers = graph.model.model.layers
     assert graph.model.config.intermediate_sizes == [layer.mlp.gate_proj.out_features for layer in layers] == \
@@ -72,7 +72,7 @@ def test_dense_statistics_equal_a_whole_model_pass_and_data_enters_once():
     forward, even with GPTQ in the same pass (GPTQ reads the compressed stream); embeddings run once per batch."""
     model = tiny_llama(kv_heads=2)
     windows = tokens()
-    config = A3Config(ratio=0.25)
+    config = A3Config(allocation="uniform", ratio=0.25)
     reference = graph_of(copy.deepcopy(model))
     stats = collect_statistics(reference, windows, {"qk", "ov", "mlp"}, batch_size=4, progress=False)
     plans = plan_ranks(reference.layers, config.component_ratios(), config.explicit_ranks(), 1, True)
@@ -99,8 +99,8 @@ def test_sequential_statistics_see_the_compressed_layers_before():
     """Layer 0 has the same inputs either way; layer 1's differ once layer 0 is compressed."""
     model = tiny_llama(kv_heads=2)
     windows = tokens()
-    dense = run_pipeline(graph_of(copy.deepcopy(model)), windows, [A3Stage(A3Config(ratio=0.25))], progress=False)
-    sequential = run_pipeline(graph_of(model), windows, [A3Stage(A3Config(ratio=0.25, statistics="sequential"))],
+    dense = run_pipeline(graph_of(copy.deepcopy(model)), windows, [A3Stage(A3Config(allocation="uniform", ratio=0.25))], progress=False)
+    sequential = run_pipeline(graph_of(model), windows, [A3Stage(A3Config(allocation="uniform", ratio=0.25, statistics="sequential"))],
                               progress=False)
     first = [g.model.model.layers[0].self_attn.v_proj.weight for g in (dense, sequential)]
     second = [g.model.model.layers[1].self_attn.v_proj.weight for g in (dense, sequential)]  # OV is refitted

@@ -34,7 +34,7 @@ def _run(tmp_path, stages, name):
 @pytest.fixture(scope="module")
 def a3_gptq(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("a3-gptq")
-    return tmp_path / "art", _run(tmp_path, [{"stage": "a3", "ratio": 0.2}, GPTQ], "art")
+    return tmp_path / "art", _run(tmp_path, [{"stage": "a3", "allocation": "uniform", "ratio": 0.2}, GPTQ], "art")
 
 
 def test_a3_then_gptq_share_one_pass_and_report_each_stage(a3_gptq):
@@ -68,8 +68,12 @@ def test_dense_gptq_export_is_a_standard_v1_checkpoint(tmp_path):
     assert config["model_type"] == "llama"
     assert config["quantization_config"] == {
         "quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": False, "sym": True,
-        "damp_percent": 0.01, "checkpoint_format": "gptq", "true_sequential": False,
+        "damp_percent": 0.05, "checkpoint_format": "gptq", "true_sequential": False,
     }
+    # a recipe that names only bits and group_size gets the best measured settings (issue 31), and the row says so
+    row = next(row for row in result.report.rows if row["stage"] == "gptq")
+    assert row["settings"] == {"sym": True, "act_order": False, "act_group_aware": True, "damp_percent": 0.05,
+                               "true_sequential": False}
     with safe_open(str(tmp_path / "dense" / "model.safetensors"), "pt") as handle:
         prefix = "model.layers.0.self_attn.q_proj."
         assert handle.get_tensor(prefix + "qweight").shape == (576 // 8, 576)
@@ -146,7 +150,7 @@ def test_true_sequential_remeasures_every_group_after_the_first(aga_runs):
         assert sequential_errors[key] != plain_errors[key], key
     assert not torch.equal(attention[0].o_proj.qweight, attention[1].o_proj.qweight)
     row = _gptq_row(sequential)
-    assert row["damp_percent_used"][0] == {key: 0.01 for key in sequential_errors}  # SmolLM2 needs no more
+    assert row["damp_percent_used"][0] == {key: 0.05 for key in sequential_errors}  # the default; SmolLM2 needs no more
     assert "act-group-aware, true-sequential" in row["note"]
     assert row["worst_relative_error"] == max(e for layer in row["relative_error"] for e in layer.values())
 

@@ -144,7 +144,7 @@ def evaluated(tmp_path_factory, one_thread, smollm2_path):
     recipe = parse_recipe({
         "model": str(model), "calibration": CALIBRATION,
         "stages": [
-            {"stage": "a3", "ratio": 0.1},
+            {"stage": "a3", "allocation": "uniform", "ratio": 0.1},
             {"stage": "lm_eval", "tasks": ["enwiki_rolling", "enwiki_next_sentence"], "include_path": str(tasks),
              "batch_size": 4},
             {"stage": "export", "path": str(tmp_path / "art")},

@@ -34,6 +34,27 @@ def test_component_ratios_fall_back_to_ratio():
     assert config.component_ratios() == {"qk": 0.2, "ov": None, "mlp": 0.3}
 
 
+def test_defaults_are_the_best_measured_settings_and_the_report_row_says_so():
+    """Issue 31: a recipe that names only ``ratio`` gets global ranks (better at every ratio on both real models and
+    both texts); explicit ranks are uniform by nature; the previous behaviour is one field away."""
+    def config(**fields):
+        return parse_recipe({"model": "smollm2-135m", "stages": [{"stage": "a3", **fields}]}).stages[0].config
+
+    assert config(ratio=0.2).allocation == "global" and config(ratio=0.2).max_shift == 0.3
+    assert config(qk_rank=32, vo_rank=32, ff_rank=512).allocation == "uniform"
+    assert config(ratio=0.2, allocation="uniform").allocation == "uniform"
+    assert config(ratio=0.2).qk_norm == "pre_norm"
+
+    import torch
+
+    from a3q.passes import apply_stage
+    from tests.stages.a3.test_pipeline_tiny import graph_of, tiny_llama
+
+    windows = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(0))
+    _, row = apply_stage(graph_of(tiny_llama()), "a3", windows=windows, ratio=0.3, probe_windows=2, probe_seq_len=16)
+    assert row["allocation"] == "global" and set(row["sensitivity"]) == {"qk", "ov", "mlp"}
+
+
 def _layer(**sizes) -> LayerStructure:
     base = dict(num_heads=9, num_kv_heads=3, head_dim=64, qk_head_dim=64, vo_head_dim=64, intermediate_size=1536)
     return LayerStructure(**{**base, **sizes})

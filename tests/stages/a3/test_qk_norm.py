@@ -199,7 +199,7 @@ def test_global_allocation_through_the_stage_on_qk_norm_families(family: str):
 
     _, graph = _tiny_qk_norm_graph(family)
     windows = torch.randint(0, 97, (4, 20), generator=torch.Generator().manual_seed(5))
-    uniform, _ = apply_stage(copy.deepcopy(graph), "a3", windows=windows, ratio=0.3)
+    uniform, _ = apply_stage(copy.deepcopy(graph), "a3", windows=windows, ratio=0.3, allocation="uniform")
     planned, metrics = apply_stage(copy.deepcopy(graph), "a3", windows=windows, ratio=0.3, allocation="global",
                                    probe_windows=2, probe_seq_len=14)
     assert set(metrics["sensitivity"]) == {"qk", "ov", "mlp"} and min(metrics["sensitivity"]["qk"]) > 0
