@@ -13,8 +13,9 @@
   mix_components: false     # global: also move budget between qk/ov/mlp (off: each keeps its own budget)
   probe_windows: 2          # global: calibration windows (of probe_seq_len tokens) per sensitivity probe
   probe_seq_len: 256
-  qk_norm: pre_norm         # families with per-head q/k norms (Gemma 3, Qwen3): keep (QK whole), pre_norm or post_norm
-                            # (which moments choose the kept RoPE pairs; see a3q.stages.a3.qk_norm)
+  qk_norm: post_norm        # families with per-head q/k norms (Gemma 3, Qwen3): keep (QK whole), pre_norm or post_norm
+                            # (which moments choose the kept RoPE pairs; see a3q.stages.a3.qk_norm); the default is
+                            # post_norm with global ranks and pre_norm with uniform ones (the best measured of each)
   statistics: dense         # each layer's statistics from the model as the stage found it (the paper's protocol),
                             # or sequential: from the layers before it as already compressed (shared with GPTQ)
 ```
@@ -71,7 +72,7 @@ class A3Config(StageConfig):
     probe_windows: int = Field(2, ge=1)
     probe_seq_len: int = Field(256, ge=2)
     statistics: Literal["dense", "sequential"] = "dense"
-    qk_norm: Literal["keep", "pre_norm", "post_norm"] = "pre_norm"  # best overall on Gemma-3-270M (README)
+    qk_norm: Literal["keep", "pre_norm", "post_norm"] = "post_norm"  # pre_norm with uniform ranks (_measured_defaults)
 
     def changes_kv_ranks(self) -> bool:
         return "qk" in self.components or "ov" in self.components
@@ -84,11 +85,16 @@ class A3Config(StageConfig):
 
     @model_validator(mode="before")
     @classmethod
-    def _allocation(cls, data):  # noqa: ANN001, ANN206 (pydantic hands the raw fields)
-        """Global ranks by default; explicit ranks (qk_rank, vo_rank, ff_rank) are uniform by nature."""
-        if isinstance(data, dict) and "allocation" not in data and any(data.get(f) is not None
-                                                                      for f in _RANK_FIELD.values()):
+    def _measured_defaults(cls, data):  # noqa: ANN001, ANN206 (pydantic hands the raw fields)
+        """Global ranks by default; explicit ranks (qk_rank, vo_rank, ff_rank) are uniform by nature. The q/k-norm
+        mode that measured best depends on the allocation (Gemma-3-270M, docs/results.md "Defaults"): post_norm with
+        global ranks (better in 5 of 6 ratio × text cases), pre_norm with uniform ones."""
+        if not isinstance(data, dict):
+            return data
+        if "allocation" not in data and any(data.get(f) is not None for f in _RANK_FIELD.values()):
             data = {**data, "allocation": "uniform"}
+        if "qk_norm" not in data:
+            data = {**data, "qk_norm": "pre_norm" if data.get("allocation", "global") == "uniform" else "post_norm"}
         return data
 
     @model_validator(mode="after")

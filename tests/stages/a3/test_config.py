@@ -43,11 +43,11 @@ def test_defaults_are_the_best_measured_settings_and_the_report_row_says_so():
     assert config(ratio=0.2).allocation == "global" and config(ratio=0.2).max_shift == 0.3
     assert config(qk_rank=32, vo_rank=32, ff_rank=512).allocation == "uniform"
     assert config(ratio=0.2, allocation="uniform").allocation == "uniform"
-    assert config(ratio=0.2).qk_norm == "pre_norm"
+    assert config(ratio=0.2).qk_norm == "post_norm" and config(ratio=0.2, allocation="uniform").qk_norm == "pre_norm"
 
     import torch
 
-    from a3q.passes import apply_stage
+    from a3q.engine import apply_stage
     from tests.stages.a3.test_pipeline_tiny import graph_of, tiny_llama
 
     windows = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(0))
