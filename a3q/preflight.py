@@ -12,17 +12,19 @@ recipe's fields. Its components, in bytes (a rough upper bound of the peak, not 
   ``2 × windows × seq_len × hidden × bytes``;
 * ``layer_statistics``: one layer's float64 second moments (GPTQ Hessians, a baseline's ``E[x xᵀ]``; A³'s head-space
   statistics are smaller) and the matrices GPTQ inverts them with: :func:`layer_statistics_bytes`;
-* ``forward_workspace``: the largest batch one stage runs (``batch_size × seq_len``): a layer's activations, the
-  attention scores, the logits and the float64 log-softmax of one window;
-* ``lora_training``: a ``lora`` stage's adapter weights, gradients and Adam state (16 bytes per trainable parameter)
-  plus the activations kept for the backward pass;
+* what each stage declares (:meth:`~a3q.registry.StageConfig.memory_estimate`), each component's largest over the
+  stages: ``forward_workspace`` for every stage (its batch through one layer: activations, attention scores and,
+  when it measures quality, the logits and one window's float64 log-softmax), ``lora_training`` for ``lora`` (the
+  adapter's weights, gradients, Adam state and the activations kept for the backward pass);
 * ``text``: the calibration windows (kept for the run), the largest evaluation's windows and the buffers that read
   and tokenize one record (:func:`a3q.checks.text_bytes`): text is streamed, so this never grows with a file's size.
 
 On a CPU everything is host memory. On a GPU the model, activations, statistics and workspace are device memory;
 the host holds the runtime and, while loading, the checkpoint's pages. :func:`check_memory` compares the estimate with
 what is available (``psutil``, else ``/proc/meminfo``; ``torch.cuda.mem_get_info`` on a GPU) and refuses a run that
-does not fit, naming the recipe fields that would make it fit.
+does not fit, naming the recipe fields that would make it fit. :func:`preflight` is the engine's door: it returns
+the run's :class:`~a3q.pipeline.plan.RunPlan` (device, dtype, offload, processes, estimate, and the problems that
+refuse the run).
 """
 
 from __future__ import annotations
@@ -35,9 +37,14 @@ from typing import Any
 
 import torch
 
+from a3q import distributed
+from a3q.assets.models import HubModelError, resolve_model_path
+from a3q.checks import text_bytes
 from a3q.io.model_folder import read_header
 from a3q.io.shards import weight_files
-from a3q.placement import resolve_device, resolve_dtype
+from a3q.pipeline.plan import ModelShape, RunPlan
+from a3q.placement import dtype_name, resolve_device, resolve_dtype
+from a3q.recipe import RecipeError, offload_problems
 
 #: the Python process with torch + transformers + a3q imported, measured on Linux (CPython 3.11, torch 2.13)
 RUNTIME_BYTES = 380 << 20
@@ -124,18 +131,16 @@ def estimate_memory(recipe: Any, folder: Path | None = None, offload: str | None
     safetensors headers. ``offload`` (default: the recipe's, ``auto`` counting as ``none``): with ``cpu``/``disk``
     the weights are the non-layer tensors plus the largest layer twice (the layer held and, while a stage rebuilds
     it, its replacement) and that layer's file pages; ``cpu`` keeps the changed layers in host memory."""
-    from a3q.assets.models import resolve_model_path
-
     folder = Path(folder) if folder is not None else resolve_model_path(recipe.model, getattr(recipe, "revision", None))
     config = _config(folder)
-    device = resolve_device(getattr(recipe, "device", "cpu"))
+    device = resolve_device(distributed.rank_device(getattr(recipe, "device", "cpu")))
     dtype = resolve_dtype(recipe.dtype, config, device)
     width = torch.empty((), dtype=dtype).element_size()
     hidden = _int(config, "hidden_size", "n_embd", "d_model")
-    intermediate = _int(config, "intermediate_size", "n_inner", default=4 * hidden)
-    heads = _int(config, "num_attention_heads", "n_head", default=1)
-    layers = _int(config, "num_hidden_layers", "n_layer", default=1)
-    vocab = _int(config, "vocab_size")
+    shape = ModelShape(hidden=hidden, intermediate=_int(config, "intermediate_size", "n_inner", default=4 * hidden),
+                       heads=_int(config, "num_attention_heads", "n_head", default=1),
+                       layers=_int(config, "num_hidden_layers", "n_layer", default=1), vocab=_int(config, "vocab_size"),
+                       width=width)
 
     counts = checkpoint_tensors(folder)
     weights = weights_in_dtype = sum(n * (width if kind in _FLOAT_TYPES else _DTYPE_BYTES.get(kind, 4))
@@ -147,25 +152,11 @@ def estimate_memory(recipe: Any, folder: Path | None = None, offload: str | None
     calibrating = [spec for spec in recipe.stages if spec.config.needs_calibration]
     cal = recipe.calibration
     activations = 2 * cal.windows * cal.seq_len * hidden * width if calibrating else 0
-    statistics = layer_statistics_bytes(hidden, intermediate) if calibrating else 0
-    workspace = 0
+    statistics = layer_statistics_bytes(hidden, shape.intermediate) if calibrating else 0
+    stage_needs: dict[str, int] = {"forward_workspace": 0, "lora_training": 0}  # the components the report always has
     for spec in recipe.stages:
-        batch = getattr(spec.config, "batch_size", 4) or 1
-        seq_len = getattr(spec.config, "seq_len", None) or cal.seq_len
-        tokens = batch * seq_len
-        per_layer = tokens * (4 * hidden + 3 * intermediate) * width + batch * heads * seq_len * seq_len * width
-        logits = tokens * vocab * 4 + seq_len * vocab * 8 if spec.config.measures_quality or spec.name == "lora" else 0
-        workspace = max(workspace, per_layer + logits)
-    lora = 0
-    for spec in recipe.stages:
-        if spec.name == "lora":
-            rank = spec.config.r
-            per_layer = rank * (hidden + hidden + hidden + intermediate) * 3 + rank * (hidden + intermediate) * 4
-            trainable = per_layer * layers
-            kept = spec.config.batch_size * spec.config.seq_len * layers * (6 * hidden + 3 * intermediate) * width
-            if spec.config.gradient_checkpointing:
-                kept = spec.config.batch_size * spec.config.seq_len * layers * hidden * width
-            lora = max(lora, 16 * trainable + kept)
+        for component, need in spec.config.memory_estimate(shape, cal.seq_len).items():
+            stage_needs[component] = max(stage_needs.get(component, 0), need)
 
     mode = offload or getattr(recipe, "offload", "none")
     mode = "none" if mode == "auto" else mode
@@ -176,9 +167,7 @@ def estimate_memory(recipe: Any, folder: Path | None = None, offload: str | None
         weights, file_pages = outside + 2 * largest, largest_file
         store = weights_in_dtype if mode == "cpu" else 0  # the changed layers, at most the whole model
     model_side = {"weights": weights, "calibration_activations": activations, "layer_statistics": statistics,
-                  "forward_workspace": workspace, "lora_training": lora}
-    from a3q.placement import dtype_name
-
+                  **stage_needs}
     estimate: dict[str, Any] = {"device": str(device), "dtype": dtype_name(dtype), "offload": mode}
     if device.type == "cpu":
         host = {"runtime": RUNTIME_BYTES, **model_side, "weights_file_pages": file_pages, "offload_store": store,
@@ -235,8 +224,8 @@ def _advice(recipe: Any, estimate: dict[str, Any], parts: dict[str, int]) -> lis
         advice.append(f"fewer calibration.windows (now {cal.windows}; activations take "
                       f"{_gib(parts['calibration_activations'])}) or a shorter calibration.seq_len (now {cal.seq_len})")
     if parts.get("forward_workspace") or parts.get("lora_training"):
-        advice.append("a smaller batch_size on the evaluating/calibrating stages"
-                      + (", gradient_checkpointing: true on lora" if parts.get("lora_training") else ""))
+        advice.append(", ".join(["a smaller batch_size on the evaluating/calibrating stages",
+                                 *(hint for spec in recipe.stages for hint in spec.config.memory_advice())]))
     if estimate["device"] == "cpu" and torch.cuda.is_available():
         advice.append("device: cuda")
     if estimate.get("offload") == "none":
@@ -253,8 +242,6 @@ def check_memory(recipe: Any, folder: Path | None = None, estimate: dict[str, An
     times; on GPUs every process has a device of its own. Returns the estimate (for the report), with
     ``available_host`` / ``available_device`` in bytes when known.
     """
-    from a3q.recipe import RecipeError
-
     estimate = estimate or estimate_memory(recipe, folder)
     problems = []
     host = available_host_memory()
@@ -294,51 +281,50 @@ def local_processes() -> int:
         return 1
 
 
-def preflight(recipe: Any, context: dict[str, Any] | None = None, processes: int | None = None) -> list[str]:
-    """The engine's check before loading: ``[]`` when the run fits, else the refusal (one problem per memory).
+def preflight(recipe: Any, processes: int | None = None) -> RunPlan:
+    """The engine's check before loading: the run's :class:`~a3q.pipeline.plan.RunPlan`, whose ``problems`` say why
+    the run cannot fit (one per memory; empty when it fits).
 
-    Records the resolved ``device`` and ``dtype`` and the estimate (``memory_estimate``, bytes) in ``context`` (the
-    report's). An estimate that cannot be made (an unreadable header: loading will say why) refuses nothing.
+    ``offload: auto`` becomes ``cpu`` or ``disk`` only when the whole model does not fit. An estimate that cannot be
+    made (an unreadable header: loading will say why) refuses nothing; the plan then carries the error.
     ``processes``: copies of the run on this machine (default: :func:`local_processes`); a GPU run needs a GPU each.
     """
-    from a3q.assets.models import HubModelError
-    from a3q.checks import text_bytes
-    from a3q.recipe import RecipeError, offload_problems
-
-    context = context if context is not None else {}
     requested = getattr(recipe, "offload", "none")
-    context["offload"] = "none" if requested == "auto" else requested
+    processes = local_processes() if processes is None else processes
+    device = str(resolve_device(distributed.rank_device(recipe.device)))
+
+    def plan(estimate: dict[str, Any], offload: str, problems: list[str] | None = None) -> RunPlan:
+        return RunPlan(device=estimate.get("device", device), dtype=estimate.get("dtype", recipe.dtype),
+                       offload=offload, processes=processes, estimate=estimate, problems=problems or [])
+
+    unchanged = "none" if requested == "auto" else requested
     try:
         text = text_bytes(recipe)  # the windows and reading buffers, bounded by the windows (not by file sizes)
         estimate = estimate_memory(recipe, text=text)
     except HubModelError as exc:
-        return [f"model: {exc}"]
+        return plan({"error": f"model: {exc}"}, unchanged, [f"model: {exc}"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        context["memory_estimate"] = {"error": f"{type(exc).__name__}: {exc}"}
-        return []
-    context.update(device=estimate["device"], dtype=estimate["dtype"], memory_estimate=estimate)
-    processes = local_processes() if processes is None else processes
-    if estimate["device"] != "cpu" and processes > 1 and torch.cuda.is_available() \
-            and processes > torch.cuda.device_count():
-        return [f"device: {processes} processes need a GPU each, and this machine has {torch.cuda.device_count()} "
-                f"(--nproc {torch.cuda.device_count()}, or device: cpu)"]
+        return plan({"error": f"{type(exc).__name__}: {exc}"}, unchanged)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else None
+    if estimate["device"] != "cpu" and processes > 1 and gpus is not None and processes > gpus:
+        return plan(estimate, unchanged, [f"device: {processes} processes need a GPU each, and this machine has "
+                                          f"{gpus} (--nproc {gpus}, or device: cpu)"])
     try:
         check_memory(recipe, estimate=estimate, processes=processes)
-        return []
+        return plan(estimate, unchanged)
     except RecipeError as exc:
         problems = list(exc.problems)
     if requested != "auto":
-        return problems
+        return plan(estimate, unchanged, problems)
     # offload: auto: the model does not fit whole; try host memory for a GPU run's layers, then the disk
     for mode in (("cpu", "disk") if estimate["device"] != "cpu" else ("disk",)):
         blocked = offload_problems(recipe.stages, mode)
         if blocked:
-            return problems + [f"offload: auto would offload the layers, but {blocked[0]}"]
+            return plan(estimate, unchanged, problems + [f"offload: auto would offload the layers, but {blocked[0]}"])
         offloaded = estimate_memory(recipe, offload=mode, text=text)
         try:
             check_memory(recipe, estimate=offloaded, processes=processes)
         except RecipeError:
             continue
-        context.update(offload=mode, memory_estimate=offloaded)
-        return []
-    return problems
+        return plan(offloaded, mode)
+    return plan(estimate, unchanged, problems)

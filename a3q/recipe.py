@@ -28,10 +28,11 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from a3q.assets.models import check_model_reference, looks_like_hub_id
+from a3q.assets.models import looks_like_hub_id
 from a3q.calib.sources import TextSourceFields
+from a3q.io.model_folder import check_model_reference
+from a3q.placement import DEVICE_NAMES, device_problem, is_device_name
 from a3q.registry import MAX_SEED, StageConfig, get_stage
-
 
 MAX_RECIPE_BYTES = 1 << 20
 MAX_STAGES = 256
@@ -74,7 +75,7 @@ class _RecipeHeader(BaseModel):
     stages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_STAGES)
     output: str | None = Field(None, min_length=1, max_length=4096)
     #: keep decoder layers on ``disk`` or in host memory (``cpu``) and load one at a time; ``auto``: only when the
-    #: memory preflight says the model does not fit (see a3q.offload)
+    #: memory preflight says the model does not fit (see a3q.layer_store)
     offload: Literal["none", "cpu", "disk", "auto"] = "auto"
     #: checkpoint the layer-by-layer pass after every this many layers (0: only by time, or not at all)
     checkpoint_every: int = Field(1, ge=0, le=1_000_000)
@@ -84,8 +85,6 @@ class _RecipeHeader(BaseModel):
     @field_validator("device")
     @classmethod
     def _device_name(cls, value: str) -> str:
-        from a3q.placement import DEVICE_NAMES, is_device_name
-
         if not is_device_name(value):
             raise ValueError(f"'{value}' is not a device name (use {DEVICE_NAMES})")
         return value
@@ -222,8 +221,6 @@ def parse_recipe(raw: Any, check_model: bool = True) -> Recipe:
         if reason:
             problems.append(f"model: {reason}")
     if header is not None and check_model and not any(p.startswith("device:") for p in problems):
-        from a3q.placement import device_problem
-
         reason = device_problem(header.device)
         if reason:
             problems.append(f"device: {reason}")

@@ -7,18 +7,21 @@ here, the engine looks implementations up here; neither needs editing when a sta
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from a3q.pipeline.context import StageContext
 from a3q.pipeline.stage import CalibratingStage
 
 if TYPE_CHECKING:
     from a3q.calib.sources import TextDemand
-    from a3q.passes import StageContext
     from a3q.graph import ModelGraph
+    from a3q.pipeline.plan import ModelShape
+    from a3q.recipe import Recipe
 
 
 class StageConfig(BaseModel):
@@ -51,6 +54,33 @@ class StageConfig(BaseModel):
         a stage that needs the whole model in memory at once (training, whole-model conversion) says so here.
         """
         return None
+
+    def memory_estimate(self, model: ModelShape, calibration_seq_len: int) -> dict[str, int]:
+        """Bytes this stage needs at its peak on top of the model's weights, by component (the memory preflight,
+        :mod:`a3q.preflight`, takes each component's largest over the stages).
+
+        Default: ``forward_workspace``, one forward of the stage's batch through a layer (its own ``batch_size`` and
+        ``seq_len`` fields when it has them, else 4 windows of the calibration's), with the logits when it
+        measures quality.
+        """
+        batch = getattr(self, "batch_size", CalibratingStage.batch_size) or 1
+        seq_len = getattr(self, "seq_len", None) or calibration_seq_len
+        return {"forward_workspace": model.forward_bytes(batch, seq_len, logits=self.measures_quality)}
+
+    def memory_advice(self) -> list[str]:
+        """Settings of this stage that would shrink what :meth:`memory_estimate` counts (for a refusal's advice)."""
+        return []
+
+    def data_parallel_problem(self, world: int) -> str | None:
+        """Why this stage cannot run in ``world`` processes (checked before any process starts), or None.
+
+        Default: a training stage cannot (each process would train its own copy); a stage that observes, changes or
+        measures layers runs data-parallel through the pipeline.
+        """
+        if not self.trains:
+            return None
+        return (f"training stages do not run data-parallel yet ({world} processes would each train their own copy); "
+                "run this recipe with one process")
 
     def changes_kv_ranks(self) -> bool:
         """Whether this stage shrinks the q/k or v/o head dims (what the KV cache stores)."""
@@ -92,10 +122,9 @@ class FunctionStage(CalibratingStage):
     """A stage written as one function ``apply(graph, config, context) -> graph``: it does not calibrate, so the
     engine simply calls it (as this object's :meth:`finish`)."""
 
-    def __init__(self, apply: StageFunction, config: StageConfig, context: StageContext) -> None:
+    def __init__(self, name: str, apply: StageFunction, config: StageConfig, context: StageContext) -> None:
         super().__init__()
-        self.apply, self.config, self.context = apply, config, context
-        self.name = context.spec.name
+        self.name, self.apply, self.config, self.context = name, apply, config, context
 
     def calibrates(self) -> bool:
         return False
@@ -118,7 +147,7 @@ class StageEntry:
             stage = self.implementation(config)
             stage.name = self.name
             return stage
-        return FunctionStage(self.implementation, config, context)
+        return FunctionStage(self.name, self.implementation, config, context)
 
 
 _STAGES: dict[str, StageEntry] = {}
@@ -150,6 +179,13 @@ def get_stage(name: str) -> StageEntry:
     return _STAGES[name]
 
 
+def build_stages(recipe: Recipe, contexts: list[StageContext] | None = None) -> list[CalibratingStage]:
+    """Every stage of ``recipe`` as its worker for one run, in order; function stages get their context from
+    ``contexts`` (default: a fresh :meth:`StageContext.of` each, as tests and checks need)."""
+    contexts = contexts if contexts is not None else [StageContext.of(recipe, spec) for spec in recipe.stages]
+    return [get_stage(spec.name).build(spec.config, context) for spec, context in zip(recipe.stages, contexts)]
+
+
 def stage_names() -> list[str]:
     """All registered stage names, sorted."""
     _load_builtin_stages()
@@ -157,9 +193,9 @@ def stage_names() -> list[str]:
 
 
 def _load_builtin_stages() -> None:
-    import importlib
-
-    from a3q.stages import BUILTIN_STAGE_MODULES
-
-    for module in BUILTIN_STAGE_MODULES:
+    """Import the built-in stage modules (named as strings in :mod:`a3q.stages`): they register themselves here,
+    so they import this module, and this one reaches them only by name, on first use (a lazy registry, as
+    :func:`a3q.arch.family.families` does for families): the registry stays below the stages in the room order."""
+    stages = importlib.import_module("a3q.stages")
+    for module in stages.BUILTIN_STAGE_MODULES:
         importlib.import_module(module)

@@ -235,8 +235,9 @@ def write_a3_gptq_recipe(args: Any, path: Path, artifact: Path, **header: Any) -
 
 
 def run_a3q(recipe: Path, out: Path, *flags: str, threads: int = 1, env: dict[str, str] | None = None,
-            ok: tuple[int, ...] = (0,)) -> tuple[float, dict[str, Any]]:
-    """``a3q run RECIPE --out OUT FLAGS`` in a fresh process: its wall seconds and its report.json."""
+            ok: tuple[int, ...] = (0,), module: str = "a3q.cli") -> tuple[float, dict[str, Any]]:
+    """``a3q run RECIPE --out OUT FLAGS`` in a fresh process: its wall seconds and its report.json. ``module``: the
+    command line to run (``tests.stop_at``: a3q's, stopped at a chosen point; run from the repository root)."""
     import subprocess
     import sys
     import time
@@ -244,7 +245,7 @@ def run_a3q(recipe: Path, out: Path, *flags: str, threads: int = 1, env: dict[st
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                    "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(env or {})}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "a3q.cli", "run", str(recipe), "--out", str(out), *flags],
+    done = subprocess.run([sys.executable, "-m", module, "run", str(recipe), "--out", str(out), *flags],
                           env=environment, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode not in ok:

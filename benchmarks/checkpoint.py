@@ -29,11 +29,14 @@ from bench_common import (add_a3_gptq_arguments, finish, machine_info, print_wit
                           run_a3q, write_a3_gptq_recipe)
 
 LAYERS = 30
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(recipe_path: Path, out: Path, threads: int, *flags: str, stop_at: str | None = None) -> dict:
-    env = {"A3Q_TEST_STOP_AT": stop_at} if stop_at else {}
-    wall, report = run_a3q(recipe_path, out, *flags, threads=threads, env=env, ok=(0, 143))
+    # a stop at a chosen point: the tests' stop hook (tests/stop_at.py), which reads the point from the environment
+    env = {"A3Q_TEST_STOP_AT": stop_at, "PYTHONPATH": str(ROOT)} if stop_at else {}
+    wall, report = run_a3q(recipe_path, out, *flags, threads=threads, env=env, ok=(0, 143),
+                           module="tests.stop_at" if stop_at else "a3q.cli")
     pass_seconds = sum(row.get("seconds", 0) for row in report["stages"] if row["stage"] in ("a3", "gptq"))
     return {"wall_s": wall, "pass_s": pass_seconds, "status": report["status"], **report.get("checkpoint", {})}
 

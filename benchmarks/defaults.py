@@ -64,7 +64,22 @@ def rows(group: str, model: str) -> dict[str, list[tuple[str, dict]]]:
         for ratio in (0.1, 0.2, 0.3):
             table[f"a3 {ratio:.0%}, global, qk_norm post_norm"] = [("a3", {"ratio": ratio, "qk_norm": "post_norm"})]
         return table
+    if group == "head_dims":  # kernel-aware ranks against unconstrained A³ at the same budget (docs/serving.md)
+        return {f"a3 20%, {allocation}, head_dims {grid}": [("a3", {"ratio": 0.2, "allocation": allocation,
+                                                                   "head_dims": grid})]
+                for allocation in ("uniform", "global") for grid in ("any", "vllm-cpu", "flash")}
     raise ValueError(group)
+
+
+def kv_values(graph) -> dict[str, int]:
+    """Cached values per token (all layers): as A³ left them, and as vLLM's CPU attention allocates them (q/k and v
+    padded to one head size it runs; a3q.serving.padding)."""
+    from a3q.serving.padding import BACKENDS, padded_sizes
+
+    unpadded = sum(layer.kv_values_per_token() for layer in graph.layers)
+    padded = sum(layer.num_kv_heads * sum(padded_sizes(layer.qk_head_dim, layer.vo_head_dim, BACKENDS["cpu"]))
+                 for layer in graph.layers)
+    return {"kv_values": unpadded, "kv_values_vllm_cpu": padded}
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -97,7 +112,8 @@ def measure(args: argparse.Namespace) -> dict:
             seconds = time.perf_counter() - started
             ppl = {text: perplexity(graph.model, windows, progress=False).perplexity for text, windows in texts.items()}
             result["rows"][name] = {"group": group, "stages": stages, "seconds": round(seconds, 1), **ppl,
-                                    "params": graph.decoder_linear_params(), "bytes": graph.decoder_linear_bytes()}
+                                    "params": graph.decoder_linear_params(), "bytes": graph.decoder_linear_bytes(),
+                                    **kv_values(graph)}
             console.log(f"{name}: enwiki {ppl['enwiki']:.2f}, news {ppl['news']:.2f} ({seconds:.0f} s)")
             if args.json:
                 write_json(args.json, result)
@@ -108,10 +124,12 @@ def measure(args: argparse.Namespace) -> dict:
 def print_table(results: list[dict]) -> None:
     for result in results:
         table = Table(title=f"{result['model']}: {result['protocol']}")
-        for column in ("row", "enwiki ppl", "news ppl", "compress s"):
+        for column in ("row", "enwiki ppl", "news ppl", "params", "KV values/token", "on vLLM CPU", "compress s"):
             table.add_column(column, justify="left" if column == "row" else "right")
         for name, row in result["rows"].items():
-            table.add_row(name, f"{row['enwiki']:.2f}", f"{row['news']:.2f}", f"{row['seconds']:.0f}")
+            kv = (f"{row['kv_values']:,}", f"{row['kv_values_vllm_cpu']:,}") if "kv_values" in row else ("", "")
+            table.add_row(name, f"{row['enwiki']:.2f}", f"{row['news']:.2f}", f"{row['params']:,}", *kv,
+                          f"{row['seconds']:.0f}")
         console = Console(width=200)
         console.print(table)
         console.print(machine_line(result["machine"]))
@@ -120,7 +138,7 @@ def print_table(results: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--groups", nargs="+", default=["gptq", "allocation"], choices=["gptq", "allocation", "qk_norm"])
+    parser.add_argument("--groups", nargs="+", default=["gptq", "allocation"], choices=["gptq", "allocation", "qk_norm", "head_dims"])
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--news-windows", type=int, default=16)

@@ -169,7 +169,7 @@ def llama8b_models(args: argparse.Namespace) -> tuple[torch.Tensor, Iterator[tup
     from transformers import LlamaForCausalLM
 
     from a3q.arch import describe, layers_from_config
-    from a3q.modeling.auto import A3LlamaForCausalLM, a3_config_from_dense
+    from a3q.arch.auto import A3LlamaForCausalLM, a3_config_from_dense
     from a3q.stages.a3.ranks import plan_ranks
 
     dtype = common.DTYPES[args.dtype]

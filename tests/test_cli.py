@@ -56,6 +56,20 @@ def test_run_recipe_then_eval_and_inspect_the_artifact(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "a3q_llama" in result.output and "a3q artifact" in result.output
 
+    # a3q serve: the artifact is checked here, then vLLM's server would run from the serve venv (a stand-in here)
+    fake_python = tmp_path / "serve-venv" / "bin" / "python"
+    fake_python.parent.mkdir(parents=True)
+    fake_python.write_text("#!/bin/sh\n")
+    fake_python.chmod(0o755)
+    monkeypatch.setenv("A3Q_SERVE_VENV", str(fake_python.parents[1]))
+    result = runner.invoke(app, ["serve", "artifacts/a3-20", "--port", "8123", "--dry-run", "--", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert f"{fake_python} -m vllm.entrypoints.openai.api_server --model artifacts/a3-20 --port 8123 --dtype " \
+           f"float32" in result.output
+    (tmp_path / "artifacts" / "a3-20" / "config.json").write_text("{}")
+    result = runner.invoke(app, ["serve", "artifacts/a3-20", "--dry-run"])
+    assert result.exit_code == 2 and "refusing to serve" in result.output and "config.json" in result.output
+
 
 def test_invalid_recipe_fails_before_loading_and_names_the_field(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: smollm2-135m\nstages:\n  - stage: a3\n    ratio: 1.5\n")

@@ -145,15 +145,21 @@ def test_one_process_is_a_no_op_and_shards_name_the_problem():
     assert distributed.all_reduce_sum(tensor) is tensor
     windows = torch.arange(10).reshape(5, 2)
     assert distributed.shard(windows) is windows
-    parts = [distributed.shard(windows, world=2, index=i) for i in range(2)]
+    shares = distributed.WindowShares(5, 1, 2)
+    parts = [windows[shares.windows_of(i)] for i in range(2)]
     assert torch.equal(torch.cat(parts), windows) and [p.shape[0] for p in parts] == [3, 2]
-    with pytest.raises(distributed.DistributedError, match=r"1 calibration window\(s\) in batches of 1 make 1 "
-                       r"batch\(es\), too few for 2 processes.*calibration.windows ≥ 2"):
-        distributed.shard(windows[:1], world=2, index=1)
-    assert distributed.shard(windows[:1], world=2, index=1, allow_empty=True).shape[0] == 0
-    with pytest.raises(distributed.DistributedError, match=r"4 calibration window\(s\) in batches of 4 make 1 "
-                       r"batch\(es\), too few for 2 processes.*≥ 5, a smaller batch_size"):
-        distributed.shard(windows[:4], 4, world=2, index=0)
+    assert [shares.batches_of(i) for i in range(2)] == [slice(0, 3), slice(3, 5)]
+    assert distributed.WindowShares(1, 1, 2).problem().startswith(
+        "1 window(s) in batches of 1 make 1 batch(es), too few for 2 processes")
+    assert "calibration.windows ≥ 2" in distributed.WindowShares(1, 1, 2).problem()
+    assert distributed.WindowShares(1, 1, 2).windows_of(1) == slice(1, 1)  # evaluation: a process may get none
+    assert "≥ 5, a smaller batch_size, or at most --nproc 1" in distributed.WindowShares(4, 4, 2).problem()
+    assert distributed.WindowShares(4, 4, 1).problem() is None
+    # one rule for every split: LoRA's global batch (batch_size 1) splits as torch.tensor_split did
+    for count, world in ((3, 2), (7, 3), (2, 4)):
+        rule = distributed.WindowShares(count, 1, world)
+        assert [torch.arange(count)[rule.windows_of(r)].tolist() for r in range(world)] == [
+            part.tolist() for part in torch.arange(count).tensor_split(world)]
 
 
 @pytest.mark.parametrize(("count", "batch_size", "world"), [(4, 3, 2), (8, 4, 2), (10, 4, 2), (17, 4, 3), (9, 2, 4),
@@ -163,7 +169,8 @@ def test_shards_are_whole_batches_of_the_one_process_run(count, batch_size, worl
     rank runs the very GEMMs one process runs: float32 activations agree bit for bit at any batch size."""
     windows = torch.arange(count * 3).reshape(count, 3)
     one_process = torch.split(windows, batch_size)
-    shares = [distributed.shard(windows, batch_size, world=world, index=index) for index in range(world)]
+    rule = distributed.WindowShares(count, batch_size, world)
+    shares = [windows[rule.windows_of(index)] for index in range(world)]
     assert all(share.shape[0] > 0 for share in shares)
     by_rank = [batch for share in shares for batch in torch.split(share, batch_size)]
     assert len(by_rank) == len(one_process)
@@ -276,7 +283,7 @@ def test_two_processes_match_one(tmp_path):
     """A³ 20% + GPTQ 4-bit g64 (attention only) + export, on 4 windows × 128 tokens: two gloo processes vs one.
 
     Batches of 3 windows: one process runs a batch of 3 then a batch of 1; the shares are whole batches
-    (:func:`a3q.distributed.batch_ranges`), so rank 0 runs the batch of 3 and rank 1 the batch of 1, the very GEMMs
+    (:class:`a3q.distributed.WindowShares`), so rank 0 runs the batch of 3 and rank 1 the batch of 1, the very GEMMs
     of the one process, and the sums of the same float64 batch products agree bit for bit. (When shares were cut by
     windows, 2 + 2, the float32 activations differed in the last bits and GPTQ's error feedback cascaded them into
     92% equal codes at batch size 4.)

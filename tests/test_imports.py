@@ -2,7 +2,8 @@
 
 An edge A → B means importing A executes B at import time: ``import B``, ``from B import x`` (and ``B.x`` when x is
 a submodule), and B's parent packages, whose ``__init__`` runs first. Imports inside functions and under
-``if TYPE_CHECKING:`` are deliberate deferrals and do not count.
+``if TYPE_CHECKING:`` do not count here: this is the module-level check (no module imports itself through others at
+import time); the room order, which counts every import, is ``tests/test_layer_order.py``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Offloaded models (a3q.offload): the same results as in memory, with one decoder layer materialized at a time.
+"""Offloaded models (a3q.layer_store.offloaded): the same results as in memory, with one decoder layer materialized at a time.
 
 Tiny random models check the mechanics for every kind of stage (pass, planner with probes, swapped modules, resume,
 export, perplexity, GPT-2's converted names); the real-model check is the last test (SmolLM2, through ``a3q run``).
@@ -15,18 +15,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from a3q.arch import decoder_layers
 from a3q.checkpoint.run import RunCheckpoint
-from a3q.checkpoint.stops import TEST_STOP_VARIABLE, RunStopped, StopSignals
-from a3q.engine import StageContext
+from a3q.checkpoint.stops import RunStopped, StopSignals
 from a3q.io.loading import load_graph
 from a3q.metrics.layerwise import layerwise_window_nll
 from a3q.metrics.perplexity import perplexity
 from a3q.numerics import NonFiniteError
-from a3q.offload import STORE_PREFIX
+from a3q.layer_store.folders import STORE_PREFIX
+from a3q.layer_store.hold import hold_layer
 from a3q.pipeline.runner import run_pipeline
 from a3q.recipe import RecipeError, parse_recipe
-from a3q.registry import get_stage
+from a3q.registry import build_stages
 from tests.checkpoint.test_pass_checkpoint import STAGE_LISTS, WINDOWS
 from tests.stages.a3.test_pipeline_tiny import tiny_gpt2, tiny_llama
+from tests.stop_at import SignalAt
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def _recipe(folder, stages, **header):
 
 
 def _run(graph, recipe, checkpoint=None):
-    workers = [get_stage(spec.name).build(spec.config, StageContext(recipe, spec)) for spec in recipe.stages]
+    workers = build_stages(recipe)
     return run_pipeline(graph, WINDOWS, workers, progress=False, checkpoint=checkpoint)
 
 
@@ -62,7 +63,7 @@ def _layers_equal(in_memory, offloaded):
     assert in_memory.model.config.to_dict() == offloaded.model.config.to_dict()
     for index in range(len(in_memory.layers)):
         expected = decoder_layers(in_memory.model, in_memory.family)[index].state_dict()
-        with offloaded.offload.hold(index) as layer:
+        with hold_layer(offloaded, index) as layer:
             got = layer.state_dict()
             assert expected.keys() == got.keys()
             different = [k for k in expected if expected[k].dtype != got[k].dtype or not expected[k].equal(got[k])]
@@ -82,8 +83,8 @@ def test_an_offloaded_pass_equals_the_in_memory_one(tmp_path, llama_folder, name
     assert _all_released(graph)  # nothing of the decoder was read at load
     offloaded = _run(graph, recipe)
     assert _all_released(offloaded)  # each layer went back to its file after the pass
-    assert offloaded.offload.changed_layers() == list(range(4))
-    assert len(list(offloaded.offload.store.glob("layer-*.safetensors"))) == 4
+    assert offloaded.layer_store.changed_layers() == list(range(4))
+    assert len(list(offloaded.layer_store.folder.glob("layer-*.safetensors"))) == 4
     _layers_equal(expected, offloaded)
 
 
@@ -131,17 +132,15 @@ def test_a_stopped_offloaded_pass_resumes_to_the_uninterrupted_result(tmp_path, 
     recipe = _recipe(llama_folder, STAGE_LISTS["a3+gptq"])
     expected = _run(load_graph(llama_folder), recipe)
 
-    def offloaded_run(resume: bool):
+    def offloaded_run(resume: bool, stop_at: str | None = None):
         graph = load_graph(llama_folder, offload="disk", offload_near=tmp_path)
-        with StopSignals() as stops:
+        with StopSignals(points=SignalAt(stop_at) if stop_at else None) as stops:
             checkpoint = RunCheckpoint.open(tmp_path / "out", recipe, llama_folder, resume=resume, restart=False,
                                             stops=stops)
             return _run(graph, recipe, checkpoint.pass_checkpoint(0, "test pass"))
 
-    monkeypatch.setenv(TEST_STOP_VARIABLE, "group0.layer1:TERM")
     with pytest.raises(RunStopped):
-        offloaded_run(resume=False)
-    monkeypatch.delenv(TEST_STOP_VARIABLE)
+        offloaded_run(resume=False, stop_at="group0.layer1:TERM")
     resumed = offloaded_run(resume=True)
     assert _all_released(resumed)
     _layers_equal(expected, resumed)
@@ -150,7 +149,7 @@ def test_a_stopped_offloaded_pass_resumes_to_the_uninterrupted_result(tmp_path, 
 def test_the_store_goes_with_the_model(tmp_path, llama_folder):
     graph = _run(load_graph(llama_folder, offload="disk", offload_near=tmp_path),
                  _recipe(llama_folder, STAGE_LISTS["svd_llm"]))
-    store = graph.offload.store
+    store = graph.layer_store.folder
     assert store.is_dir() and store.name.startswith(STORE_PREFIX) and store.parent == tmp_path
     del graph
     gc.collect()
@@ -162,10 +161,10 @@ def test_a_non_finite_layer_is_named_when_it_is_first_read(tmp_path, tokenizer):
     with torch.no_grad():
         decoder_layers(model, "llama")[1].mlp.down_proj.weight[0, 0] = float("nan")
     graph = load_graph(_save(model, tmp_path / "nan", tokenizer), offload="disk", offload_near=tmp_path)
-    with graph.offload.hold(0):
+    with hold_layer(graph, 0):
         pass
     with pytest.raises(NonFiniteError, match=r"load: non-finite values in model\.layers\.1\.mlp\.down_proj\.weight \(layer 1\)"):
-        with graph.offload.hold(1):
+        with hold_layer(graph, 1):
             pass
 
 
@@ -190,20 +189,20 @@ def test_offload_auto_offloads_only_when_the_model_does_not_fit(llama_folder, mo
     whole = preflight.estimate_memory(recipe, offload="none", text=text)["host_total"]
     offloaded = preflight.estimate_memory(recipe, offload="disk", text=text)["host_total"]
     assert offloaded < whole
-    context: dict = {}
     monkeypatch.setattr(preflight, "available_host_memory", lambda: int(whole / preflight.HEADROOM) + 1024)
-    assert preflight.preflight(recipe, context) == [] and context["offload"] == "none"
+    plan = preflight.preflight(recipe)
+    assert plan.problems == [] and plan.offload == "none"
     between = (offloaded + whole) // 2  # fits offloaded, not whole
     monkeypatch.setattr(preflight, "available_host_memory", lambda: int(between / preflight.HEADROOM))
-    assert preflight.preflight(recipe, context) == [] and context["offload"] == "disk"
-    assert context["memory_estimate"]["offload"] == "disk"
+    plan = preflight.preflight(recipe)
+    assert plan.problems == [] and plan.offload == "disk" and plan.estimate["offload"] == "disk"
     monkeypatch.setattr(preflight, "available_host_memory", lambda: int(offloaded / 2))
-    problems = preflight.preflight(recipe, context)
+    problems = preflight.preflight(recipe).problems
     assert problems and "memory:" in problems[0]
     # a stage that needs the whole model: auto cannot offload, and says why
     blocked = _recipe(llama_folder, [{"stage": "bnb"}], device="cpu")
     monkeypatch.setattr(preflight, "available_host_memory", lambda: 1 << 20)
-    problems = preflight.preflight(blocked, {})
+    problems = preflight.preflight(blocked).problems
     assert any("offload: auto would offload the layers, but stages[0] (bnb)" in p for p in problems), problems
 
 
@@ -214,9 +213,9 @@ def test_stale_offload_stores_are_removed_and_nothing_else(tmp_path):
     import subprocess
     import sys
 
-    from a3q.offload import STORE_MARKER, new_store, remove_stale_offload_stores
+    from a3q.layer_store.folders import STORE_MARKER, new_store, remove_stale_offload_stores
 
-    killed = subprocess.run([sys.executable, "-c", "import os, sys; from a3q.offload import new_store; "
+    killed = subprocess.run([sys.executable, "-c", "import os, sys; from a3q.layer_store.folders import new_store; "
                              "s = new_store(sys.argv[1]); (s / 'layer-00000.safetensors').write_bytes(b'x' * 64); "
                              "print(s, flush=True); os.kill(os.getpid(), 9)", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)

@@ -8,9 +8,12 @@ any redesign of how calibration runs is checked by numbers, not by eye. Protocol
 One pin was measured again since, on purpose: A³ + GPTQ, after GPTQ's Hessian batch products moved from float32 to
 float64 (issue 13: they made the codes depend on the batching; 72.7940 before, 66.5997 after). That pin is now
 computed in float64 (the model, the statistics and GPTQ): in float32 its codes follow the CPU's kernels (66.60 on an
-AMD EPYC, 70.56 and 70.73 with two kernel paths of one Intel Xeon), in float64 every path gives the same value
-(AVX-512 and AVX2 agree to 1e-15; docs/testing.md). It was 68.1772547493654 with GPTQ's old defaults and is
-64.66387586142831 with the new ones (act_group_aware, damp_percent 0.05: issue 31). The float32 pins that remain are
+AMD EPYC, 70.56 and 70.73 with two kernel paths of one Intel Xeon). In float64 ATen's own kernel paths agree (AVX-512
+and AVX2 to 1e-15), but MKL's float64 GEMMs do not: it takes its AVX-512 kernels on the Intel Xeon and its AVX2
+kernels on the AMD EPYC (``MKL_CBWR=AVX2`` there gives the same value, ``COMPATIBLE`` a third: 63.67), and a few codes
+flip. So the pin holds one of the two measured values, each to 0.1%: 64.66387586142831 (Intel) and
+63.150639905717014 (AMD), with GPTQ's defaults (act_group_aware, damp_percent 0.05: issue 31; 68.1772547493654 with
+the old ones). The float32 pins that remain are
 deterministic enough to hold to 0.1% on both CPUs (A³ alone moves by 1e-7). A³'s own default allocation is now
 global; the pins name ``allocation`` explicitly (uniform, the previous default, and global with small probes).
 """
@@ -38,7 +41,7 @@ PINNED = {
     "a3 20% (sequential) + gptq 4-bit g64, float64": (  # one shared pass, as a recipe runs them
         [("a3", {"allocation": "uniform", "ratio": 0.2, "statistics": "sequential"}),
          ("gptq", {"bits": 4, "group_size": 64})],  # GPTQ's defaults: act_group_aware, damp 0.05
-        64.66387586142831),
+        (64.66387586142831, 63.150639905717014)),  # MKL's AVX-512 float64 kernels (Intel), its AVX2 ones (AMD)
     "kv_ratio 0.3 + 8-bit cache": ([("kv", {"kv_ratio": 0.3, "bits": 8})], 31.628559984519),
 }
 DENSE = 19.31252749339424
@@ -73,4 +76,5 @@ def test_pinned_perplexity(smollm2, windows, name):
     graph, _ = apply_stages(graph, stages, windows=calib)
     chunk = 64 if graph.kv_cache is not None else None  # a quantized cache is only read back through the cache
     measured = perplexity(graph.model, test, progress=False, cache_chunk=chunk).perplexity
-    assert measured == pytest.approx(expected, rel=RELATIVE), f"{name}: {measured}"
+    allowed = expected if isinstance(expected, tuple) else (expected,)
+    assert any(measured == pytest.approx(value, rel=RELATIVE) for value in allowed), f"{name}: {measured}"

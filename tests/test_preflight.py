@@ -46,16 +46,32 @@ def test_a_run_that_does_not_fit_is_refused_naming_the_fields(monkeypatch):
     assert "1.00 GiB is available" in message and "dtype float32" in message
     for advice in ("dtype: bfloat16", "calibration.windows", "batch_size", "offload: disk"):
         assert advice in message
-    context = {}
-    assert preflight(_recipe(), context) and context["memory_estimate"]["host_total"] > GIB
+    plan = preflight(_recipe())  # refused, with the estimate that says why (the report keeps it)
+    assert plan.problems and plan.problems[0].startswith("memory: the run needs about")
+    assert plan.report_fields()["memory_estimate"]["host_total"] > GIB
 
 
-def test_a_run_that_fits_passes_and_records_the_placement(monkeypatch):
+def test_a_run_that_fits_gets_its_plan(monkeypatch):
     monkeypatch.setattr(preflight_module, "available_host_memory", lambda: 64 * GIB)
-    context = {}
-    assert preflight(_recipe(), context) == []
-    assert context["device"] == "cpu" and context["dtype"] == "float32"
-    assert context["memory_estimate"]["available_host"] == 64 * GIB
+    plan = preflight(_recipe(offload="auto"), processes=1)
+    assert plan.problems == [] and (plan.device, plan.dtype, plan.offload, plan.processes) == ("cpu", "float32", "none", 1)
+    assert plan.estimate["available_host"] == 64 * GIB
+    assert plan.report_fields() == {"device": "cpu", "dtype": "float32", "offload": "none", "memory_estimate": plan.estimate}
+
+
+def test_stages_declare_their_memory_and_the_largest_of_each_component_counts():
+    """No rule in the preflight names a stage: each config declares its components (a3q.registry.StageConfig)."""
+    from a3q.pipeline.plan import ModelShape
+
+    shape = ModelShape(hidden=64, intermediate=256, heads=4, layers=2, vocab=1000, width=4)
+    recipe = _recipe(stages=[{"stage": "evaluate", "batch_size": 8, "seq_len": 128},
+                             {"stage": "lora", "steps": 1, "batch_size": 2, "seq_len": 64}])
+    evaluate, lora = (spec.config.memory_estimate(shape, 512) for spec in recipe.stages)
+    assert evaluate == {"forward_workspace": shape.forward_bytes(8, 128, logits=True)}
+    assert set(lora) == {"forward_workspace", "lora_training"} and lora["lora_training"] > 0
+    parts = estimate_memory(recipe)["host"]
+    assert parts["forward_workspace"] > 0 and parts["lora_training"] > 0
+    assert "gradient_checkpointing: true on lora" in recipe.stages[1].config.memory_advice()
 
 
 def test_gpu_runs_estimate_device_memory_separately(monkeypatch):

@@ -11,6 +11,7 @@ need no weight mapping.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -95,8 +96,6 @@ BUILTIN_FAMILY_MODULES = ("a3q.arch.llama", "a3q.arch.gpt2", "a3q.arch.gemma3", 
 
 def families() -> dict[str, Family]:
     """Every registered adapter by name, in registration order (the built-in ones imported first)."""
-    import importlib
-
     for module in BUILTIN_FAMILY_MODULES:
         importlib.import_module(module)
     return Family.registry

@@ -15,6 +15,7 @@ from typing import Any
 
 from a3q.arch.family import Family, register_family
 from a3q.arch.llama import LLAMA_LINEARS, config_kwargs
+from a3q.modeling.modeling_a3q_gemma2 import A3Gemma2Config, A3Gemma2ForCausalLM, A3Gemma2Model
 
 
 @register_family
@@ -26,8 +27,6 @@ class Gemma2(Family):
                          norm_weight_offset=1.0)
 
     def compressed_classes(self):
-        from a3q.modeling.modeling_a3q_gemma2 import A3Gemma2Config, A3Gemma2ForCausalLM, A3Gemma2Model
-
         return A3Gemma2Config, A3Gemma2Model, A3Gemma2ForCausalLM
 
     def compressed_config(self, config: Any, **overrides: Any) -> Any:

@@ -11,6 +11,7 @@ from typing import Any
 
 from a3q.arch.family import Family, register_family
 from a3q.arch.llama import LLAMA_LINEARS, config_kwargs
+from a3q.modeling.modeling_a3q_gemma3 import A3Gemma3Config, A3Gemma3ForCausalLM, A3Gemma3Model
 
 
 @register_family
@@ -22,8 +23,6 @@ class Gemma3(Family):
                          qk_norm_paths=("self_attn.q_norm", "self_attn.k_norm"), norm_weight_offset=1.0)
 
     def compressed_classes(self):
-        from a3q.modeling.modeling_a3q_gemma3 import A3Gemma3Config, A3Gemma3ForCausalLM, A3Gemma3Model
-
         return A3Gemma3Config, A3Gemma3Model, A3Gemma3ForCausalLM
 
     def compressed_config(self, config: Any, **overrides: Any) -> Any:

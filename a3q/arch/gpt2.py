@@ -13,6 +13,7 @@ import torch
 from a3q.arch.family import Family, per_layer, register_family
 from a3q.arch.llama import config_kwargs
 from a3q.graph import LayerStructure
+from a3q.modeling.modeling_a3q_gpt2 import A3GPT2Config, A3GPT2ForCausalLM, A3GPT2Model
 
 
 @register_family
@@ -38,8 +39,6 @@ class GPT2(Family):
                 for i in range(count)]
 
     def compressed_classes(self):
-        from a3q.modeling.modeling_a3q_gpt2 import A3GPT2Config, A3GPT2ForCausalLM, A3GPT2Model
-
         return A3GPT2Config, A3GPT2Model, A3GPT2ForCausalLM
 
     def compressed_config(self, config: Any, **overrides: Any) -> Any:

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any
 
 from a3q.arch.family import Family, register_family
+from a3q.modeling.modeling_a3q_llama import A3LlamaConfig, A3LlamaForCausalLM, A3LlamaModel
 
 LLAMA_LINEARS = {
     "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -38,8 +39,6 @@ class Llama(Family):
                          layers_path="model.layers", final_norm_path="model.norm")
 
     def compressed_classes(self):
-        from a3q.modeling.modeling_a3q_llama import A3LlamaConfig, A3LlamaForCausalLM, A3LlamaModel
-
         return A3LlamaConfig, A3LlamaModel, A3LlamaForCausalLM
 
     def compressed_config(self, config: Any, **overrides: Any) -> Any:

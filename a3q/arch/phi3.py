@@ -17,6 +17,7 @@ import torch
 
 from a3q.arch.family import Family, register_family
 from a3q.arch.llama import LLAMA_LINEARS, config_kwargs
+from a3q.modeling.modeling_a3q_phi3 import A3Phi3Config, A3Phi3ForCausalLM, A3Phi3Model
 
 
 def _split_rows(value: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
@@ -31,8 +32,6 @@ class Phi3(Family):
                          layer_prefix="model.layers.{index}.", layers_path="model.layers", final_norm_path="model.norm")
 
     def compressed_classes(self):
-        from a3q.modeling.modeling_a3q_phi3 import A3Phi3Config, A3Phi3ForCausalLM, A3Phi3Model
-
         return A3Phi3Config, A3Phi3Model, A3Phi3ForCausalLM
 
     def compressed_config(self, config: Any, **overrides: Any) -> Any:

@@ -11,6 +11,7 @@ from typing import Any
 
 from a3q.arch.family import Family, register_family
 from a3q.arch.llama import LLAMA_LINEARS, config_kwargs
+from a3q.modeling.modeling_a3q_qwen3 import A3Qwen3Config, A3Qwen3ForCausalLM, A3Qwen3Model
 
 
 @register_family
@@ -23,8 +24,6 @@ class Qwen3(Family):
                          qk_norm_head_axis=2)
 
     def compressed_classes(self):
-        from a3q.modeling.modeling_a3q_qwen3 import A3Qwen3Config, A3Qwen3ForCausalLM, A3Qwen3Model
-
         return A3Qwen3Config, A3Qwen3Model, A3Qwen3ForCausalLM
 
     def compressed_config(self, config: Any, **overrides: Any) -> Any:

@@ -11,18 +11,19 @@ from typing import Any
 from torch import nn
 
 from a3q.arch import FAMILIES, LINEAR_PATHS, decoder_layers, describe
+from a3q.arch.auto import is_a3_model, to_a3_model
 from a3q.graph import ModelGraph
 
 
 def redescribe(graph: ModelGraph, model: Any = None) -> ModelGraph:
     """``graph`` re-read from (a new) ``model``'s config, keeping every field the config does not hold.
 
-    The per-layer sizes come from the config; the KV-cache setting, history, adapter, source, tokenizer and how
-    each linear is stored (recorded by the stage that quantized it) are the graph's own and carry over.
+    The per-layer sizes come from the config; the KV-cache setting, history, adapter, layer store, source, tokenizer
+    and how each linear is stored (recorded by the stage that quantized it) are the graph's own and carry over.
     """
     model = graph.model if model is None else model
     fresh = describe(model, graph.tokenizer, graph.source, graph.history)
-    fresh.kv_cache, fresh.adapter, fresh.offload = graph.kv_cache, graph.adapter, graph.offload
+    fresh.kv_cache, fresh.adapter, fresh.layer_store = graph.kv_cache, graph.adapter, graph.layer_store
     for layer, old in zip(fresh.layers, graph.layers):
         layer.quantized = dict(old.quantized)
     return fresh
@@ -30,8 +31,6 @@ def redescribe(graph: ModelGraph, model: Any = None) -> ModelGraph:
 
 def as_a3_graph(graph: ModelGraph) -> ModelGraph:
     """The same model as a3q's compressed class at full rank (identical logits); a no-op for models that already are."""
-    from a3q.modeling.auto import is_a3_model, to_a3_model
-
     if is_a3_model(graph.model):
         return graph
     return redescribe(graph, to_a3_model(graph.model))

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from a3q.assets.cache import atomic_directory, cache_dir
+from a3q.assets.cache import cache_dir
+from a3q.atomic import atomic_directory
 
 
 class AssetMissingError(RuntimeError):

@@ -1,7 +1,7 @@
 """Where a3q keeps prepared offline assets.
 
 Assets (the converted model, the cleaned corpus) are derived from pip-installed files once and cached. Folders and
-files are written atomically by :mod:`a3q.io.atomic` (re-exported here for the asset code).
+files are written atomically (:mod:`a3q.atomic`).
 """
 
 from __future__ import annotations
@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from a3q.io.atomic import atomic_directory, write_json_atomic
-
-__all__ = ["atomic_directory", "cache_dir", "write_json_atomic"]
+__all__ = ["cache_dir"]
 
 
 def cache_dir() -> Path:

@@ -75,8 +75,12 @@ def resolve_hub_model(model: str, revision: str | None = None) -> Path:
     files a3q reads are fetched (:data:`HUB_PATTERNS`). Raises :class:`HubModelError` with what to do.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     where = f"'{model}'" + (f" (revision '{revision}')" if revision else "")
     cache = hub_cache_dir()
@@ -122,28 +126,3 @@ def resolve_model_path(model: str, revision: str | None = None) -> Path:
     if looks_like_hub_id(model):
         return resolve_hub_model(model, revision)
     return Path(model)
-
-
-def check_model_reference(model: str, revision: str | None = None) -> str | None:
-    """Return why ``model`` cannot be loaded, or None: used by recipe validation (no model loading).
-
-    A Hub id is resolved here (from the cache, or downloaded when online) and its snapshot folder checked.
-    """
-    from a3q.io.model_folder import model_folder_problem
-
-    if model in MODEL_ALIASES:
-        return None
-    if looks_like_hub_id(model):
-        try:
-            folder = resolve_hub_model(model, revision)
-        except HubModelError as exc:
-            return str(exc)
-        problem = model_folder_problem(folder)
-        return f"Hub model '{model}': {problem}" if problem else None
-    try:
-        folder = Path(model)
-        if not folder.is_dir():
-            return f"'{model}' is neither a known alias ({', '.join(MODEL_ALIASES)}) nor an existing folder"
-        return model_folder_problem(folder)
-    except OSError as exc:  # a name too long for the file system, a folder we may not read, ...
-        return f"'{model[:200]}': {exc.strerror or exc}"

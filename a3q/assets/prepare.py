@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from a3q.assets.bundled import BUNDLED_MODELS, bundled_model_path
-from a3q.calib.corpus import CORPORA, load_articles
+from a3q.assets.corpus import CORPORA, load_articles
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from a3q.calib.corpus import load_articles, split_articles
+from a3q.assets.corpus import load_articles, split_articles
 from a3q.calib.json_records import json_array_records, jsonl_records
 from a3q.calib.readers import ParquetColumns, Progress, check_line_sizes, check_record_size, txt_parts
 from a3q.calib.records import Document, field_document, record_document, record_field

@@ -2,7 +2,7 @@
 
 A recipe's ``calibration`` block and an ``evaluate`` stage name their text with exactly one of:
 
-* ``corpus: enwiki`` or ``news`` (+ ``split``: ``calib`` | ``test`` | ``all``), a bundled corpus (:mod:`a3q.calib.corpus`);
+* ``corpus: enwiki`` or ``news`` (+ ``split``: ``calib`` | ``test`` | ``all``), a bundled corpus (:mod:`a3q.assets.corpus`);
   the default when none of the three is given;
 * ``path: FILE_OR_DIR``: a ``.txt`` file (the whole file is one document), a ``.jsonl`` file (one JSON record
   per line), a ``.json`` file (an array of records) or a ``.parquet`` file (one record per row); a folder means
@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from a3q.calib.corpus import CORPORA, SPLITS
+from a3q.assets.corpus import CORPORA, SPLITS
 
 #: file kinds a ``path`` source reads, by extension
 EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")

@@ -6,7 +6,8 @@
 * :mod:`a3q.checkpoint.run`: whether a run may use the folder (resume, restart), checkpoints after each stage group;
 * :mod:`a3q.checkpoint.layer_pass`: checkpoints inside a pipeline pass (after planning, every few layers) and
   restoring one;
-* :mod:`a3q.checkpoint.layers`: a finished decoder layer as tensors plus constructor arguments (no pickle);
+  (a finished layer is a layer file, :mod:`a3q.layer_store.layer_file`: tensors plus constructor arguments, no
+  pickle; an offload store's file is linked, not written again);
 * :mod:`a3q.checkpoint.state`: stage states and RNG states as JSON plus tensors;
 * :mod:`a3q.checkpoint.stops`: SIGINT/SIGTERM end a run at the next safe point.
 """

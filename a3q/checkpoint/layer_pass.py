@@ -26,12 +26,11 @@ import torch
 from torch import Tensor
 
 from a3q import distributed
-from a3q.checkpoint.consistency import LAYER_LISTS
-from a3q.checkpoint.layers import restore_layer, save_layer
-from a3q.checkpoint.ranks import agree, batches_of_rank, gather_batches
+from a3q.checkpoint.fields import LAYER_LISTS
+from a3q.checkpoint.ranks import agree, gather_batches
 from a3q.checkpoint.state import join_tensors, map_tensors, rng_state, set_rng_state, split_tensors
-from a3q.checkpoint.stops import RunStopped, injected_stop
-from a3q.checkpoint.store import CheckpointError, read_tensors, write_tensors
+from a3q.checkpoint.store import CheckpointError, disk_full_refused, file_record, read_tensors, write_tensors
+from a3q.layer_store.layer_file import layer_bytes, restore_finished_layer, save_finished_layer
 
 if TYPE_CHECKING:
     from a3q.checkpoint.run import RunCheckpoint
@@ -57,6 +56,7 @@ class PassCheckpoint:
         self.since_layers, self.since = 0, time.monotonic()
         self.windows_sha256: str | None = None
         self.window_count, self.batch_size = 0, 1
+        self.shares = distributed.WindowShares(0)
 
     def deferring_stops(self):
         return self.run.stops.deferred()
@@ -78,12 +78,8 @@ class PassCheckpoint:
                 setattr(config, key, value)
         root = self.run.folder.root
         for index_text, record in sorted(self.layers.items(), key=lambda item: int(item[0])):
-            with _restoring(root / record["file"], f"layer {index_text} of the model"):
-                tensors = read_tensors(root / record["file"])
-                if graph.offload is None:
-                    restore_layer(graph.model, graph.family, int(index_text), record["modules"], tensors)
-                else:  # an offloaded model: the finished layer goes to the offload store, not into memory
-                    graph.offload.restore(int(index_text), record["modules"], tensors)
+            with _restoring(root / record["file"], f"layer {index_text} of the model"):  # to memory, or its store
+                restore_finished_layer(graph, int(index_text), record["modules"], root / record["file"])
         to_model = lambda tensor: tensor.to(parameter.device)  # noqa: E731  (files load onto the CPU)
         with _restoring(root / self.saved["state_file"], "the pass's state"):
             state = join_tensors(self.saved["state"], read_tensors(root / self.saved["state_file"]))
@@ -101,7 +97,7 @@ class PassCheckpoint:
                 raise CheckpointError(f"--resume: the checkpoint holds the inputs of {len(saved)} batch(es) for "
                                       f"{name}, this pass has {batches} ({self.window_count} windows in batches of "
                                       f"{self.batch_size}); --restart starts over")
-        mine = batches_of_rank(self.window_count, self.batch_size, distributed.world_size(), distributed.rank())
+        mine = self.shares.batches_of(distributed.rank())
         return map_tensors({name: saved[mine] for name, saved in hidden.items()}, to_model)
 
     def bind(self, windows: Tensor, batch_size: int = 1) -> None:
@@ -109,21 +105,22 @@ class PassCheckpoint:
         windows (the text may have changed), and they say which batches of saved inputs belong to which rank."""
         self.windows_sha256 = hashlib.sha256(windows.cpu().to(torch.int64).numpy().tobytes()).hexdigest()
         self.window_count, self.batch_size = windows.shape[0], batch_size
+        self.shares = distributed.WindowShares(windows.shape[0], batch_size, distributed.world_size())
 
     def after_plan(self, graph: ModelGraph, stages: list[CalibratingStage], hidden: dict[str, list[Tensor]]) -> None:
         """After planning stages planned (before layer 0): their plans are costly to repeat."""
-        injected_stop(f"group{self.group}.plan", after_checkpoint=False)
+        self.run.stops.reached(f"group{self.group}.plan", after_checkpoint=False)
         self.run.stops.requested = agree(False, self.run.stops.requested)[1]
         if self.run.enabled:
             self._save(graph, -1, stages, hidden)
-        injected_stop(f"group{self.group}.plan", after_checkpoint=True)
+        self.run.stops.reached(f"group{self.group}.plan", after_checkpoint=True)
         self._stop_if_asked(-1)
 
     def after_layer(self, graph: ModelGraph, index: int, stages: list[CalibratingStage],
                     hidden: dict[str, list[Tensor]]) -> None:
         """After layer ``index`` is finished by every stage: checkpoint when due (or when a stop was asked)."""
         point = f"group{self.group}.layer{index}"
-        injected_stop(point, after_checkpoint=False)
+        self.run.stops.reached(point, after_checkpoint=False)
         self.since_layers += 1
         recipe = self.run.recipe
         due = (recipe.checkpoint_every > 0 and self.since_layers >= recipe.checkpoint_every) or (
@@ -131,32 +128,28 @@ class PassCheckpoint:
         due, self.run.stops.requested = agree(due, self.run.stops.requested)  # the same on every rank
         if self.run.enabled and (due or self.run.stops.requested):
             self._save(graph, index, stages, hidden)
-            injected_stop(point, after_checkpoint=True)
+            self.run.stops.reached(point, after_checkpoint=True)
         self._stop_if_asked(index)
 
     def _stop_if_asked(self, index: int) -> None:
-        name = self.run.stops.requested
-        if name is None:
-            return
         where = "after planning" if index < 0 else f"after layer {index}"
-        saved = f"; checkpoint in '{self.run.folder.root}'" if self.run.enabled else " (checkpoints are off)"
-        stopped = RunStopped(name, f"stopped by {name} {where} of {self.label}{saved}")
-        stopped.agreed = distributed.world_size() > 1  # every rank stops here (see a3q.checkpoint.ranks.agree)
-        raise stopped
+        self.run.stops.stop_if_requested(f"{where} of {self.label}", self.run.folder.root if self.run.enabled else None)
 
     def _save(self, graph: ModelGraph, index: int, stages: list[CalibratingStage],
               hidden: dict[str, list[Tensor]]) -> None:
         started = time.perf_counter()
-        hidden = gather_batches(hidden, self.window_count, self.batch_size)  # rank 0: every rank's batches
+        hidden = gather_batches(hidden, self.shares)  # rank 0: every rank's batches
         if not self.run.owner:  # ranks ≠ 0 of a distributed run never write
             self.since_layers, self.since = 0, time.monotonic()
             return
         self.run.folder.create()
         self.run.folder.own_folder(self.folder.name)  # refused when a link: nothing is written through one
-        for layer in range(len(self.layers), index + 1):
-            modules, tensors = save_layer(graph.model, graph.family, layer)
+        for layer in range(len(self.layers), index + 1):  # each written once: an offload store's file is linked
             name = f"{self.folder.name}/layer-{layer:05d}.safetensors"
-            self._record(name, write_tensors(self.run.folder.root / name, tensors))
+            path = self.run.folder.root / name
+            with disk_full_refused(path, lambda: layer_bytes(graph, layer)):  # noqa: B023  (called at once)
+                modules = save_finished_layer(graph, layer, path)
+            self._record(name, file_record(path))
             self.layers[str(layer)] = {"file": name, "modules": modules}
         tensors: dict[str, Tensor] = {}
         state = split_tensors({"hidden": hidden, "stages": [stage.state_dict() for stage in stages],

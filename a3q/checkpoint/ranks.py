@@ -6,10 +6,10 @@ works because after each layer every rank holds the same layers and the same sta
 summed over the ranks before any layer changed, and :func:`a3q.distributed.check_identical` verifies the layers).
 Two things differ between the ranks, and this module handles them:
 
-* **the next layer's inputs**: each rank holds its own whole batches of the windows (:func:`a3q.distributed.shard`).
-  Rank 0 collects every rank's batches (:func:`gather_batches`) and saves all of them in the one-process order, so a
-  checkpoint does not depend on the number of processes: a run resumed with another number of processes takes its
-  own batches back out of it (:func:`batches_of_rank`);
+* **the next layer's inputs**: each rank holds its own whole batches of the windows
+  (:class:`a3q.distributed.WindowShares`). Rank 0 collects every rank's batches (:func:`gather_batches`) and saves
+  all of them in the one-process order, so a checkpoint does not depend on the number of processes: a run resumed
+  with another number of processes takes its own batches back out of it (``WindowShares.batches_of``);
 * **when to checkpoint and whether to stop**: ``checkpoint_minutes`` reads rank 0's clock, and a signal may reach one
   rank only. :func:`agree` makes one decision for all ranks (one small all-reduce per layer), so every rank saves,
   and stops, after the same layer; a rank that stopped alone would leave the others waiting in a collective.
@@ -21,20 +21,9 @@ import torch
 from torch import Tensor
 
 from a3q import distributed
+from a3q.distributed import WindowShares
 
 _SIGNALS = ("SIGINT", "SIGTERM")
-
-
-def batch_counts(window_count: int, batch_size: int, world: int) -> list[int]:
-    """How many batches each rank holds (:func:`a3q.distributed.batch_ranges`)."""
-    return [-(-(stop - start) // batch_size) for start, stop in distributed.batch_ranges(window_count, batch_size,
-                                                                                          world)]
-
-
-def batches_of_rank(window_count: int, batch_size: int, world: int, rank: int) -> slice:
-    """This rank's batches among all batches of the pass (as one process orders them)."""
-    counts = batch_counts(window_count, batch_size, world)
-    return slice(sum(counts[:rank]), sum(counts[: rank + 1]))
 
 
 def agree(due: bool, requested: str | None) -> tuple[bool, str | None]:
@@ -65,17 +54,17 @@ def _aliases(hidden: dict[str, list[Tensor]]) -> dict[str, str]:
     return aliases
 
 
-def gather_batches(hidden: dict[str, list[Tensor]], window_count: int, batch_size: int) -> dict[str, list[Tensor]]:
+def gather_batches(hidden: dict[str, list[Tensor]], shares: WindowShares) -> dict[str, list[Tensor]]:
     """Every stream's inputs for ALL batches of the pass, in the one-process order, on rank 0 (point-to-point from
     each rank, batch by batch); on the other ranks an empty dict once they have sent theirs. One process: as is."""
-    world, me = distributed.world_size(), distributed.rank()
-    if world <= 1:
+    me = distributed.rank()
+    if shares.world <= 1:
         return hidden
-    counts = batch_counts(window_count, batch_size, world)
+    mine = shares.batches_of(me)
     for name, batches in hidden.items():
-        if len(batches) != counts[me]:
+        if len(batches) != mine.stop - mine.start:
             raise distributed.DistributedError(f"rank {me}: stream {name} holds {len(batches)} batch(es), the pass "
-                                               f"gave this rank {counts[me]}")
+                                               f"gave this rank {mine.stop - mine.start}")
     aliases = _aliases(hidden)
     sent = [name for name in sorted(hidden) if name not in aliases]
     on_gpu = distributed.backend() == "nccl"
@@ -85,13 +74,12 @@ def gather_batches(hidden: dict[str, list[Tensor]], window_count: int, batch_siz
                 torch.distributed.send(tensor.contiguous() if on_gpu else tensor.detach().cpu().contiguous(), dst=0)
         distributed.counters["collectives"] += 1
         return {}
-    sizes = [min(batch_size, window_count - start) for start in range(0, window_count, batch_size)]
+    sizes = [min(shares.batch_size, shares.count - start) for start in range(0, shares.count, shares.batch_size)]
     gathered: dict[str, list[Tensor]] = {name: list(hidden[name]) for name in sent}
-    for source in range(1, world):
-        first = sum(counts[:source])
+    for source in range(1, shares.world):
         for name in sent:
             reference = hidden[name][0]
-            for index in range(first, first + counts[source]):
+            for index in range(shares.batches)[shares.batches_of(source)]:
                 buffer = torch.empty((sizes[index], *reference.shape[1:]), dtype=reference.dtype,
                                      device=reference.device if on_gpu else "cpu")
                 torch.distributed.recv(buffer, src=source)

@@ -23,9 +23,11 @@ from a3q import distributed
 from a3q.checkpoint.consistency import Expected, check_against, check_model_config, check_state_tensors
 from a3q.checkpoint.layer_pass import PassCheckpoint
 from a3q.checkpoint.ranks import agree
-from a3q.checkpoint.stops import RunStopped, StopSignals, injected_stop
+from a3q.checkpoint.stops import StopSignals
 from a3q.checkpoint.store import (MARKER_NAME, MODEL_FOLDER, PASS_FOLDER, CheckpointError, CheckpointFolder,
                                   file_record, is_sealed, model_fingerprint, recipe_differences, recipe_identity)
+from a3q.io.artifact import save_artifact
+from a3q.io.manifest import MANIFEST_NAME, read_manifest
 
 if TYPE_CHECKING:
     from a3q.graph import ModelGraph
@@ -160,8 +162,6 @@ class RunCheckpoint:
 
     def _model_records(self, name: str) -> None:
         """Records of the model folder just written, taken from its own (sealed) manifest, plus the manifest's."""
-        from a3q.io.manifest import MANIFEST_NAME, read_manifest
-
         folder = self.folder.root / name
         artifact = read_manifest(folder) or {}
         for item, record in dict(artifact.get("files") or {}).items():
@@ -182,8 +182,6 @@ class RunCheckpoint:
             fields: dict[str, Any] = {"completed_groups": group + 1, "report_rows": rows, "pass": None,
                                       "position": f"after {label}", "history": graph.history}
             if changed_model and self.owner:
-                from a3q.io.artifact import save_artifact
-
                 self.folder.create()  # a new folder per group: the manifest names it only once it is complete
                 name = f"model-{group:02d}"
                 self.folder.refuse_link(name)  # the artifact writer resolves its target: never through a link
@@ -202,13 +200,9 @@ class RunCheckpoint:
                 self.folder.remove(lambda top: bool(PASS_FOLDER.fullmatch(top))
                                    or bool(MODEL_FOLDER.fullmatch(top)) and top != current)
         self.seconds += time.perf_counter() - started
-        injected_stop(f"group{group}", after_checkpoint=True)
+        self.stops.reached(f"group{group}", after_checkpoint=True)
         self.stops.requested = agree(False, self.stops.requested)[1]  # every rank stops here, or none does
-        if self.stops.requested:
-            stopped = RunStopped(self.stops.requested, f"stopped by {self.stops.requested} after {label}; "
-                                                       f"checkpoint in '{self.folder.root}'")
-            stopped.agreed = distributed.world_size() > 1
-            raise stopped
+        self.stops.stop_if_requested(f"after {label}", self.folder.root)
 
     def finish(self, keep: bool) -> None:
         """After a successful run: remove the checkpoint, or mark it complete (``--keep-checkpoint``)."""

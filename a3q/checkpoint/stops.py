@@ -1,25 +1,26 @@
 """Clean stops: SIGINT/SIGTERM end a run at the next safe point, with a checkpoint and one line on how to resume.
 
 While the pipeline works through a layer, the first signal is only recorded (:meth:`StopSignals.deferred`); the
-pass checkpoints the finished layer and raises :class:`RunStopped`. Elsewhere (loading, a training stage) and on a
-second signal, :class:`RunStopped` is raised at once: the last checkpoint written stays the resume point.
+pass checkpoints the finished layer and raises :class:`RunStopped` (:meth:`StopSignals.stop_if_requested`).
+Elsewhere (loading, a training stage) and on a second signal, :class:`RunStopped` is raised at once: the last
+checkpoint written stays the resume point.
 
-``A3Q_TEST_STOP_AT`` (tests only) makes the stop points deterministic: ``group1.layer5:TERM`` sends this process
-SIGTERM when layer 5 of stage group 1 is finished, before its checkpoint; ``group1.layer5:KILL`` SIGKILLs it right
-after that checkpoint is written; ``group1.plan:TERM`` after planning stages planned; ``group1:KILL`` after the
-checkpoint of the completed group 1. In a data-parallel run every rank reaches the point; ``…:TERM@1`` signals rank 1
-only (the ranks then agree to stop: :mod:`a3q.checkpoint.ranks`).
+Every safe point tells :meth:`StopSignals.reached` its name (``group1.layer5``, ``group1.plan``, ``group1``), before
+its checkpoint and after it. That does nothing in a run; tests give a run a :class:`StopPoints` hook there to stop it
+at a chosen point (``StopSignals(points=...)``, or :func:`stop_points` around a whole run: ``tests/stop_at.py``).
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol
 
-TEST_STOP_VARIABLE = "A3Q_TEST_STOP_AT"
+from a3q import distributed
+
 _HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -29,10 +30,10 @@ class RunStopped(BaseException):
     A ``BaseException``, like ``KeyboardInterrupt``: code that catches ``Exception`` (a loader trying alternatives)
     must not turn a stop into an ordinary failure."""
 
-    def __init__(self, signal_name: str, message: str = "") -> None:
+    def __init__(self, signal_name: str, message: str = "", agreed: bool = False, resumable: bool = False) -> None:
         self.signal_name = signal_name
-        self.resumable = False  # set by the engine: whether a checkpoint to resume from exists
-        self.agreed = False  # a distributed run: every rank stops at this same point (a3q.checkpoint.ranks.agree)
+        self.agreed = agreed  # a distributed run: every rank stops at this same point (a3q.checkpoint.ranks.agree)
+        self.resumable = resumable  # said by the engine: whether a checkpoint to resume from exists
         super().__init__(message or f"stopped by {signal_name}")
 
     @property
@@ -41,10 +42,35 @@ class RunStopped(BaseException):
         return 128 + int(getattr(signal, self.signal_name, signal.SIGTERM))
 
 
-class StopSignals:
-    """Installs SIGINT/SIGTERM handlers for the duration of a ``with`` block (main thread only)."""
+class StopPoints(Protocol):
+    """A test's hook at the run's safe points (:meth:`StopSignals.reached`)."""
 
-    def __init__(self) -> None:
+    def reached(self, point: str, after_checkpoint: bool) -> None:
+        """The run is at ``point``: before its checkpoint (``after_checkpoint`` False) or right after it."""
+
+
+#: the hook of every run started inside :func:`stop_points` (tests only; None in a real run)
+_installed_points: StopPoints | None = None
+
+
+@contextmanager
+def stop_points(points: StopPoints) -> Iterator[None]:
+    """Tests: every :class:`StopSignals` made inside (every run started here) calls ``points`` at its safe points."""
+    global _installed_points
+    previous, _installed_points = _installed_points, points
+    try:
+        yield
+    finally:
+        _installed_points = previous
+
+
+class StopSignals:
+    """Installs SIGINT/SIGTERM handlers for the duration of a ``with`` block (main thread only).
+
+    ``points``: a test's hook at the safe points (default: the one :func:`stop_points` installed, if any)."""
+
+    def __init__(self, points: StopPoints | None = None) -> None:
+        self.points = points if points is not None else _installed_points
         self.requested: str | None = None
         self._deferring = 0
         self._previous: dict[int, object] = {}
@@ -68,6 +94,20 @@ class StopSignals:
         self.requested = name
         raise RunStopped(name)
 
+    def reached(self, point: str, after_checkpoint: bool) -> None:
+        """A safe point (see the module docstring): a test's hook may stop the run here."""
+        if self.points is not None:
+            self.points.reached(point, after_checkpoint)
+
+    def stop_if_requested(self, where: str, checkpoint: Path | None) -> None:
+        """At a safe point, once every rank agreed on :attr:`requested` (:func:`a3q.checkpoint.ranks.agree`): stop the
+        run there, saying ``where`` and the ``checkpoint`` folder (None: checkpoints are off)."""
+        if self.requested is None:
+            return
+        saved = f"; checkpoint in '{checkpoint}'" if checkpoint is not None else " (checkpoints are off)"
+        raise RunStopped(self.requested, f"stopped by {self.requested} {where}{saved}",
+                         agreed=distributed.world_size() > 1)
+
     @contextmanager
     def deferred(self) -> Iterator[None]:
         """Inside: the first signal is recorded in :attr:`requested` instead of raised."""
@@ -76,15 +116,3 @@ class StopSignals:
             yield
         finally:
             self._deferring -= 1
-
-
-def injected_stop(point: str, after_checkpoint: bool) -> None:
-    """Tests only: deliver the signal ``A3Q_TEST_STOP_AT`` names when the run reaches ``point``."""
-    wanted = os.environ.get(TEST_STOP_VARIABLE)
-    if not wanted or ":" not in wanted:
-        return
-    where, name = wanted.rsplit(":", 1)
-    name, _, rank = name.partition("@")
-    if where != point or (name == "KILL") != after_checkpoint or (rank and rank != os.environ.get("RANK", "0")):
-        return
-    os.kill(os.getpid(), getattr(signal, f"SIG{name}"))

@@ -38,16 +38,20 @@ import re
 import shutil
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file
 from torch import Tensor
 
 from a3q import __version__
-from a3q.io.atomic import STAGING_MARKER, write_json_atomic
+from a3q.atomic import STAGING_MARKER, write_json_atomic
+from a3q.checkpoint.fields import MODEL_FOLDER, PASS_FOLDER, RESTART, CheckpointError, check_fields, name_problem, short  # noqa: F401
 from a3q.io.manifest import MANIFEST_NAME as ARTIFACT_MANIFEST
 from a3q.io.manifest import SEAL_KEY, ArtifactError, read_manifest, seal, sha256_file, verify_artifact
+from a3q.layer_store.layer_file import save_tensors_atomically
 
 #: 2: every file's size and SHA-256 (the model folder's files too), a sealed manifest (``manifest_sha256``), every
 #: field present. 1 (sizes only, unsealed) is refused.
@@ -56,12 +60,7 @@ MANIFEST_NAME = "checkpoint.json"
 MARKER_NAME = ".a3q-checkpoint"
 #: recipe fields that may change between a run and its resume
 RESUMABLE_CHANGES = ("output", "checkpoint_every", "checkpoint_minutes")
-RESTART = "start over with --restart"
 _MAX_MANIFEST_BYTES = 256 << 20
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or used; the message says which file (and field) and what to do."""
 
 
 def recipe_identity(raw: dict[str, Any]) -> dict[str, Any]:
@@ -94,45 +93,36 @@ def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
                 old = before[index] if index < len(before) else None
                 new = after[index] if index < len(after) else None
                 if old != new:
-                    problems.append(f"stages[{index}]: {_short(old)} → {_short(new)}")
+                    problems.append(f"stages[{index}]: {short(old)} → {short(new)}")
         else:
-            problems.append(f"{key}: {_short(before)} → {_short(after)}")
+            problems.append(f"{key}: {short(before)} → {short(after)}")
     return problems
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> dict[str, Any]:
     """Write ``tensors`` as safetensors at ``path`` through a temporary sibling; returns the file's manifest record
     (:func:`file_record`)."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.unlink(missing_ok=True)  # a leftover (or a link put there) is replaced, never written through
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            needed = sum(t.numel() * t.element_size() for t in tensors.values())
-            free = shutil.disk_usage(path.parent).free
-            raise CheckpointError(
-                f"disk full while writing checkpoint file '{path}' (needs about {needed:,} bytes, {free:,} free); "
-                "the previous checkpoint is intact: free space and resume with --resume") from exc
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with disk_full_refused(path, lambda: sum(t.numel() * t.element_size() for t in tensors.values())):
+        save_tensors_atomically(path, tensors, metadata)
     return file_record(path)
 
 
-def read_tensors(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
+@contextmanager
+def disk_full_refused(path: Path, needed: Callable[[], int]) -> Iterator[None]:
+    """A full disk while ``path`` is written becomes a :class:`CheckpointError` that says how much was needed (about
+    ``needed()`` bytes) and how much is free (the writer removed its temporary file)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            free = shutil.disk_usage(path.parent).free
+            raise CheckpointError(
+                f"disk full while writing checkpoint file '{path}' (needs about {needed():,} bytes, {free:,} free); "
+                "the previous checkpoint is intact: free space and resume with --resume") from exc
+        raise
 
+
+def read_tensors(path: Path) -> dict[str, Tensor]:
     return load_file(str(path))
 
 
@@ -147,30 +137,13 @@ def is_sealed(manifest: Any) -> bool:
         {key: value for key, value in manifest.items() if key != SEAL_KEY})[SEAL_KEY]
 
 
-# -- names: the only ones a manifest may list, and the only ones a3q deletes -------------------------------------
-PASS_FOLDER = re.compile(r"pass-\d{2}")
-MODEL_FOLDER = re.compile(r"model-\d{2}")
-_PASS_FILE = re.compile(r"pass-\d{2}/(layer|state)-\d{5}\.safetensors")
 _PASS_ENTRY = re.compile(r"(layer|state)-\d{5}\.safetensors|\.(layer|state)-\d{5}\.safetensors\.tmp")
 _OWN_TOP_FILE = re.compile(r"\.checkpoint\.json\.\w+|\.model-\d{2}\.a3q-lock")  # manifest temporaries, save locks
-_STAGING = re.compile(r"\.model-\d{2}\.(tmp-\w+|old-\d+)")  # a3q.io.atomic's staging / replaced folders
-_PART = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]*")
-
-
-def name_problem(name: Any) -> str | None:
-    """Why ``name`` is not one a checkpoint manifest may list (None: it is): a pass file, or a file of a model folder,
-    relative and without ``..``, so nothing outside the folder is ever read, replaced or deleted because a manifest
-    said so."""
-    if isinstance(name, str):
-        parts = name.split("/")
-        if _PASS_FILE.fullmatch(name) or (len(parts) >= 2 and MODEL_FOLDER.fullmatch(parts[0])
-                                          and all(_PART.fullmatch(part) for part in parts[1:])):
-            return None
-    return f"file name {_short(name)} is not one a3q writes"
+_STAGING = re.compile(r"\.model-\d{2}\.(tmp-\w+|old-\d+)")  # a3q.atomic's staging / replaced folders
 
 
 def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
-    """The manifest as :func:`a3q.io.atomic.write_json_atomic` writes it (what :meth:`CheckpointFolder.commit`
+    """The manifest as :func:`a3q.atomic.write_json_atomic` writes it (what :meth:`CheckpointFolder.commit`
     writes), byte for byte."""
     return (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
 
@@ -298,8 +271,6 @@ class CheckpointFolder:
     def read(self) -> dict[str, Any]:
         """The manifest, checked: readable, this a3q's format, sealed, every field present and of its type
         (:func:`a3q.checkpoint.consistency.check_fields`). The files it lists: :meth:`verify_files`."""
-        from a3q.checkpoint.consistency import check_fields
-
         path = self.manifest_path
         info = _lstat(path)
         if info is None or not stat.S_ISREG(info.st_mode):
@@ -318,7 +289,7 @@ class CheckpointFolder:
             older = isinstance(version, int) and not isinstance(version, bool) and version < FORMAT_VERSION
             raise CheckpointError(
                 f"'{path}' " + (f"was written by an older a3q (checkpoint format {version}: sizes only, unsealed); "
-                                if older else f"has format {_short(version)}; ")
+                                if older else f"has format {short(version)}; ")
                 + f"this a3q reads checkpoint format {FORMAT_VERSION}: {RESTART}")
         if SEAL_KEY not in manifest:
             raise CheckpointError(f"'{path}': its seal ({SEAL_KEY}) is missing; {RESTART}")
@@ -452,7 +423,7 @@ class CheckpointFolder:
                 path.unlink(missing_ok=True)
             elif kind == "folder":
                 path.rmdir()
-            else:  # a3q.io.atomic's staging folder (its marker inside): rmtree unlinks links, never follows them
+            else:  # a3q.atomic's staging folder (its marker inside): rmtree unlinks links, never follows them
                 shutil.rmtree(path)
         if which is None:
             (self.root / MARKER_NAME).unlink(missing_ok=True)

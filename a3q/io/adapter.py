@@ -29,9 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from a3q.graph import ModelGraph
-
-ADAPTER_DIR = "adapter"
+from a3q.graph import ADAPTER_DIR, ModelGraph
 
 
 @contextmanager
@@ -84,29 +82,11 @@ def adapter_set_aside(graph: ModelGraph, staging: Path, artifact: Path) -> Itera
     save_adapter(graph.adapter, Path(staging) / ADAPTER_DIR, base=Path(artifact).resolve())
 
 
-def adapter_record(adapter: Any) -> dict[str, Any] | None:
-    """The manifest's description of an unmerged adapter (None when there is none)."""
-    if adapter is None:
-        return None
-    config = adapter.peft_config[adapter.active_adapter]
-    targets = config.target_modules
-    return {
-        "format": "peft",
-        "path": ADAPTER_DIR,
-        "peft_type": str(getattr(config.peft_type, "value", config.peft_type)),
-        "r": config.r,
-        "alpha": config.lora_alpha,
-        "dropout": config.lora_dropout,
-        "target_modules": targets if isinstance(targets, str) else sorted(targets),
-        "params": sum(p.numel() for n, p in adapter.named_parameters() if "lora_" in n),
-    }
-
-
 def attach_adapter(graph: ModelGraph, directory: Path | str, trainable: bool = False) -> ModelGraph:
     """``graph`` with the PEFT adapter saved in ``directory`` loaded onto its model (in place, as PEFT does)."""
-    from peft import LoraConfig, PeftModel
+    from peft import LoraConfig, PeftModel  # deferred: PEFT takes seconds to import; only an adapter needs it
 
-    from a3q.io.peft_modules import register_custom_modules
+    from a3q.io.peft_modules import register_custom_modules  # (imports PEFT)
 
     config = LoraConfig.from_pretrained(str(directory))
     register_custom_modules(config, graph.model)

@@ -6,10 +6,11 @@ with a3q's own classes are saved with their modeling file and an ``auto_map``, s
 The manifest records the recipe, the report so far, the model structure and a SHA-256 of
 every file, so an artifact says exactly what produced it.
 
-Weights bigger than ``max_shard_size`` are written by ``save_pretrained`` as transformers' standard shards
-(``model-00001-of-0000N.safetensors`` + ``model.safetensors.index.json``; see :mod:`a3q.io.shards`), one shard at a
-time from views of the model's tensors, so no second copy of the model is built in memory; the manifest lists and
-hashes each shard and the index like any other file, reading them back in 1 MiB blocks.
+Weights bigger than ``max_shard_size`` are written as transformers' standard shards
+(``model-00001-of-0000N.safetensors`` + ``model.safetensors.index.json``; see :mod:`a3q.io.shards`), by
+``save_pretrained`` one shard at a time from views of the model's tensors (no second copy of the model in memory), or,
+for an offloaded model, one layer at a time (the layer store's ``write_weights``: :mod:`a3q.layer_store.streaming`);
+the manifest lists and hashes each shard and the index like any other file, reading them back in 1 MiB blocks.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from a3q import __version__
+from a3q.arch.auto import add_remote_code, is_a3_model
+from a3q.atomic import UnsafeTargetError, atomic_directory, write_json_atomic
 from a3q.graph import ModelGraph
-from a3q.io.atomic import UnsafeTargetError, atomic_directory, write_json_atomic
+from a3q.io.adapter import adapter_set_aside
+from a3q.io.kv_cache_code import write_remote_cache_code
 from a3q.io.manifest import FORMAT_VERSION, MANIFEST_NAME, file_records, replace_refusal, seal
 from a3q.io.shards import DEFAULT_MAX_SHARD_SIZE, WEIGHTS_INDEX, parse_shard_size, weight_files
 
@@ -47,8 +51,6 @@ def check_target(path: Path | str) -> Path:
 
 def _adapter_set_aside(graph: ModelGraph, staging: Path, path: Path):
     """Context for saving the base model: LoRA layers set aside inside, the adapter written on exit (if any)."""
-    from a3q.io.adapter import adapter_set_aside
-
     return adapter_set_aside(graph, staging, path)
 
 
@@ -67,8 +69,6 @@ def save_artifact(
     written as several ``model-0000k-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``. The
     manifest's ``weights`` entry records the files and the limit.
     """
-    from a3q.modeling.auto import is_a3_model, save_with_remote_code
-
     shard_bytes = parse_shard_size(max_shard_size)
     path = check_target(path)
 
@@ -77,17 +77,9 @@ def save_artifact(
 
     with atomic_directory(path, may_replace=may_replace, expected_bytes=_model_bytes(graph)) as staging:
         with _adapter_set_aside(graph, staging, path):  # base weights without LoRA layers; the adapter goes to adapter/
-            if graph.offload is not None:  # one layer in memory at a time (a3q.io.streaming)
-                from a3q.io.streaming import save_offloaded_model
-
-                save_offloaded_model(graph, staging, shard_bytes)
-            elif is_a3_model(graph.model):
-                save_with_remote_code(graph.model, staging, max_shard_size=shard_bytes)
-            else:
-                _save_transformers_model(graph.model, staging, max_shard_size=shard_bytes)
+            write_model(graph, staging, shard_bytes)
         save_tokenizer(graph.tokenizer, staging)
         if graph.kv_cache is not None:  # quantized cache: generate() uses it without a3q too
-            from a3q.cache.remote import write_remote_cache_code
 
             write_remote_cache_code(graph.model, staging)
         write_json_atomic(
@@ -115,10 +107,18 @@ def weights_record(folder: Path, max_shard_size: int | None = None) -> dict[str,
     return {"files": files, "shards": len(files), "index": index, "max_shard_size": max_shard_size}
 
 
-def _save_transformers_model(model: Any, staging: Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
-    """``save_pretrained`` for a model of a transformers class, without an ``auto_map`` inherited from its input."""
-    with without_input_auto_map(model.config):
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
+def write_model(graph: ModelGraph, folder: Path, max_shard_size: int) -> None:
+    """The model's config and weights in ``folder``, as its layer store writes them (``save_pretrained``, or shard
+    by shard from an offloaded model), plus, for a3q's own classes, the modeling files and an ``auto_map`` naming
+    them; a model of a transformers class is written without an ``auto_map`` inherited from its input."""
+    def save() -> None:
+        graph.layer_store.write_weights(graph, folder, max_shard_size)
+
+    if is_a3_model(graph.model):
+        add_remote_code(graph.model, folder, save=save)
+    else:
+        with without_input_auto_map(graph.model.config):
+            save()
 
 
 @contextmanager

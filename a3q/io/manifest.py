@@ -20,7 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from a3q.io.atomic import STAGING_MARKER
+from a3q.atomic import STAGING_MARKER
+from a3q.io.json_file import JSONFileError, read_json_file
 
 MANIFEST_NAME = "a3q.json"
 FORMAT_VERSION = 2
@@ -67,12 +68,10 @@ def read_manifest(path: Path | str) -> dict[str, Any] | None:
     manifest = Path(path) / MANIFEST_NAME
     if not manifest.is_file():
         return None
-    if manifest.stat().st_size > _MAX_MANIFEST_BYTES:
-        raise ArtifactError(f"{manifest}: larger than {_MAX_MANIFEST_BYTES >> 20} MiB; not an a3q manifest")
     try:
-        payload = json.loads(manifest.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ArtifactError(f"{manifest}: not valid JSON ({exc})") from None
+        payload = read_json_file(manifest, _MAX_MANIFEST_BYTES)
+    except JSONFileError as exc:
+        raise ArtifactError(f"{manifest} {exc.reason}; not an a3q manifest") from None
     if not isinstance(payload, dict):
         raise ArtifactError(f"{manifest}: expected a JSON object, got {type(payload).__name__}")
     problem = manifest_shape_problem(payload)

@@ -12,24 +12,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from a3q.arch import supported_model_types
+from a3q.assets.models import MODEL_ALIASES, HubModelError, looks_like_hub_id, resolve_hub_model
+from a3q.io.json_file import JSONFileError, read_json_file
 from a3q.io.manifest import ArtifactError, read_manifest, verify_artifact
 from a3q.io.shards import SINGLE_WEIGHTS, WEIGHTS_INDEX, ShardIndexError, read_index
 
-_MAX_CONFIG_BYTES = 16 << 20
+MAX_CONFIG_BYTES = 16 << 20
 _MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 _TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
 
 
-def _read_json(path: Path, limit: int = _MAX_CONFIG_BYTES) -> tuple[object | None, str | None]:
-    if path.stat().st_size > limit:
-        return None, f"{path.name} is larger than {limit >> 20} MiB"
+def _read_json(path: Path, limit: int = MAX_CONFIG_BYTES) -> tuple[object | None, str | None]:
     try:
-        return json.loads(path.read_bytes().decode("utf-8")), None
-    except UnicodeDecodeError:
-        return None, f"{path.name} is not UTF-8 text"
-    except (json.JSONDecodeError, RecursionError) as exc:
-        return None, f"{path.name} is not valid JSON ({exc})"
+        return read_json_file(path, limit), None
+    except JSONFileError as exc:
+        return None, str(exc)
 
 
 class ModelFolderError(ValueError):
@@ -165,8 +164,6 @@ def _tokenizer_problem(folder: Path) -> str | None:
 
 def model_folder_problem(folder: Path) -> str | None:
     """Why ``folder`` cannot be loaded as a model, or None. Reads JSON and file headers only."""
-    from a3q.arch import supported_model_types
-
     config_path = folder / "config.json"
     if not config_path.exists() and not config_path.is_symlink():
         return f"folder '{folder}' has no config.json (not a Hugging Face model folder)"
@@ -197,3 +194,26 @@ def model_folder_problem(folder: Path) -> str | None:
         return f"'{folder}': {problem}"
     problem = _tokenizer_problem(folder)
     return f"'{folder}': {problem}" if problem else None
+
+
+def check_model_reference(model: str, revision: str | None = None) -> str | None:
+    """Return why ``model`` cannot be loaded, or None: used by recipe validation (no model loading).
+
+    A Hub id is resolved here (from the cache, or downloaded when online) and its snapshot folder checked.
+    """
+    if model in MODEL_ALIASES:
+        return None
+    if looks_like_hub_id(model):
+        try:
+            folder = resolve_hub_model(model, revision)
+        except HubModelError as exc:
+            return str(exc)
+        problem = model_folder_problem(folder)
+        return f"Hub model '{model}': {problem}" if problem else None
+    try:
+        folder = Path(model)
+        if not folder.is_dir():
+            return f"'{model}' is neither a known alias ({', '.join(MODEL_ALIASES)}) nor an existing folder"
+        return model_folder_problem(folder)
+    except OSError as exc:  # a name too long for the file system, a folder we may not read, ...
+        return f"'{model[:200]}': {exc.strerror or exc}"

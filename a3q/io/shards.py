@@ -8,9 +8,10 @@ the order transformers itself uses: ``model.safetensors`` if present, else the s
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+
+from a3q.io.json_file import JSONFileError, read_json_file
 
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -57,14 +58,10 @@ def read_index(folder: Path | str) -> dict[str, str] | None:
     index = Path(folder) / WEIGHTS_INDEX
     if not index.is_file():
         return None
-    if index.stat().st_size > _MAX_INDEX_BYTES:
-        raise ShardIndexError(f"{WEIGHTS_INDEX} is larger than {_MAX_INDEX_BYTES >> 20} MiB")
     try:
-        payload = json.loads(index.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ShardIndexError(f"{WEIGHTS_INDEX} is not UTF-8 text") from None
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise ShardIndexError(f"{WEIGHTS_INDEX} is not valid JSON ({exc})") from None
+        payload = read_json_file(index, _MAX_INDEX_BYTES)
+    except JSONFileError as exc:
+        raise ShardIndexError(str(exc)) from None
     weight_map = payload.get("weight_map") if isinstance(payload, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ShardIndexError(f"{WEIGHTS_INDEX} has no weight_map")

@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from a3q import distributed
+from a3q.cache import new_cache
+
 
 class NonFiniteLossError(RuntimeError):
     """A window produced a NaN or infinite loss."""
@@ -102,20 +105,16 @@ def perplexity(
     if cache_chunk is not None and cache_chunk < 1:
         raise ValueError("cache_chunk must be >= 1")
     if cache_chunk is not None and make_cache is None:
-        from a3q.cache import new_cache
-
         make_cache = lambda: new_cache(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    from a3q import distributed
-
     all_windows, offset, bad_windows = windows, 0, []
     if across_processes and distributed.world_size() > 1:
         # whole batches, the one-process run's: each window's NLL then comes from the same GEMMs in every world size
-        ranges = distributed.batch_ranges(windows.shape[0], batch_size, distributed.world_size())
-        offset, stop = ranges[distributed.rank()]
-        windows = windows[offset:stop]
+        share = distributed.WindowShares(windows.shape[0], batch_size, distributed.world_size()).windows_of(
+            distributed.rank())
+        offset, windows = share.start, windows[share]
         progress = progress and distributed.is_main()
     nll_sum = 0.0
     for start, nll in _scored_batches(model, windows, batch_size, device, cache_chunk, make_cache, layerwise,

@@ -1,7 +1,11 @@
-"""a3q's model classes and their registration.
+"""What a3q's artifacts ship: the self-contained compressed model classes and module types.
 
-* ``modeling_a3q_llama`` / ``modeling_a3q_gpt2``: self-contained compressed model classes (copied into artifacts);
-* ``a3q_gptq_linear``, ``a3q_factored_linear``, ``a3q_bnb_cpu``, ``a3q_layer_shapes``: self-contained helpers they use;
-* ``auto``: registration with transformers' Auto classes and the remote-code export (import it to register);
-* ``convert``: dense model → a3q's class at full rank.
+* ``modeling_a3q_<family>``: compressed model classes (copied into artifacts, loaded there with
+  ``trust_remote_code``);
+* ``a3q_gptq_linear``, ``a3q_factored_linear``, ``a3q_bnb_cpu``, ``a3q_layer_shapes``, ``a3q_module_types``:
+  the helpers they use.
+
+Every file here imports only torch, transformers, the standard library and its siblings (relatively), so an artifact
+loads without a3q. Registration with transformers' Auto classes and the conversion of a dense model are
+:mod:`a3q.arch.auto` and :mod:`a3q.arch.convert`.
 """

@@ -3,9 +3,33 @@
 Self-contained (torch only): copied next to exported weights with the modeling files that import it.
 """
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["normalize_a3_shapes", "rope_gather_index"]
+__all__ = ["CausalA3Shapes", "normalize_a3_shapes", "rope_gather_index"]
+
+
+@dataclass(kw_only=True, repr=False, eq=False)
+class CausalA3Shapes:
+    """The per-layer A³ shapes a family's compressed config adds to its dense config, checked after the dense
+    config's own ``__post_init__`` (every field defaults to the dense model), for families whose config can also
+    describe bidirectional attention (Gemma 2 and 3): a3q's classes are causal only.
+
+    A dataclass mixin because transformers' configs are dataclasses: ``class A3Gemma2Config(CausalA3Shapes,
+    Gemma2Config)`` gets these fields like its own.
+    """
+
+    qk_head_dims: list[int] | None = None
+    vo_head_dims: list[int] | None = None
+    intermediate_sizes: list[int] | None = None
+    rope_pairs: list | None = None  # per layer: None (all pairs) or one sorted list of kept pairs per KV head
+
+    def __post_init__(self, **kwargs) -> None:
+        super().__post_init__(**kwargs)
+        normalize_a3_shapes(self)
+        if getattr(self, "use_bidirectional_attention", False):
+            raise ValueError(f"{type(self).__name__} supports causal attention only (use_bidirectional_attention=False).")
 
 
 def normalize_a3_shapes(config) -> None:

@@ -37,34 +37,22 @@ from transformers.models.gemma2.modeling_gemma2 import (
 )
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager_attention
 
-from .a3q_bnb_cpu import bitsandbytes_cpu_hook
-from .a3q_factored_linear import replace_with_factored_linears
-from .a3q_gptq_linear import replace_with_gptq_linears
-from .a3q_layer_shapes import normalize_a3_shapes, rope_gather_index
+from .a3q_module_types import prepare_module_types
+from .a3q_layer_shapes import CausalA3Shapes, rope_gather_index
 from .modeling_a3q_llama import A3LlamaAttention, A3LlamaMLP, A3LlamaModel
 
 __all__ = ["A3Gemma2Config", "A3Gemma2Model", "A3Gemma2ForCausalLM"]
 
 
-class A3Gemma2Config(Gemma2Config):
-    """Gemma 2 config plus per-layer A³ shapes (every extra field defaults to the dense model).
+class A3Gemma2Config(CausalA3Shapes, Gemma2Config):
+    """Gemma 2 config plus per-layer A³ shapes (:class:`CausalA3Shapes`; every extra field defaults to the dense
+    model).
 
     ``head_dim`` stays the ORIGINAL head dim: the rotary embedding produces full-size cos/sin, from which each layer
     gathers its kept frequencies.
     """
 
     model_type = "a3q_gemma2"
-
-    qk_head_dims: list[int] | None = None
-    vo_head_dims: list[int] | None = None
-    intermediate_sizes: list[int] | None = None
-    rope_pairs: list | None = None  # per layer: None (all pairs) or one sorted list of kept pairs per KV head
-
-    def __post_init__(self, **kwargs) -> None:
-        super().__post_init__(**kwargs)
-        normalize_a3_shapes(self)
-        if self.use_bidirectional_attention:
-            raise ValueError("A3Gemma2Config supports causal attention only (use_bidirectional_attention=False).")
 
 
 class A3Gemma2Attention(Gemma2Attention):
@@ -166,9 +154,4 @@ class A3Gemma2ForCausalLM(A3Gemma2PreTrainedModel, Gemma2ForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-        if getattr(config, "a3q_factorized", None):  # low-rank baselines' two-factor linears (svd, asvd, svd_llm)
-            replace_with_factored_linears(self, config.a3q_factorized)
-        if getattr(config, "a3q_gptq", None):  # GPTQ-packed linears (a3q's gptq stage): codes come with the weights
-            replace_with_gptq_linears(self, config.a3q_gptq)
-        # bitsandbytes 4-bit linears on CPU: exact for A³'s odd shapes (see a3q_bnb_cpu.py); a no-op otherwise
-        self.register_forward_pre_hook(bitsandbytes_cpu_hook)
+        prepare_module_types(self)  # recorded GPTQ / low-rank modules, bitsandbytes' CPU path (a3q_module_types.py)

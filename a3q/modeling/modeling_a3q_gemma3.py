@@ -39,30 +39,18 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .a3q_bnb_cpu import bitsandbytes_cpu_hook
-from .a3q_factored_linear import replace_with_factored_linears
-from .a3q_gptq_linear import replace_with_gptq_linears
-from .a3q_layer_shapes import normalize_a3_shapes, rope_gather_index
+from .a3q_module_types import prepare_module_types
+from .a3q_layer_shapes import CausalA3Shapes, rope_gather_index
 from .modeling_a3q_llama import A3LlamaAttention, A3LlamaMLP
 
 __all__ = ["A3Gemma3Config", "A3Gemma3Model", "A3Gemma3ForCausalLM"]
 
 
-class A3Gemma3Config(Gemma3TextConfig):
-    """Gemma 3 text config plus per-layer A³ shapes (every extra field defaults to the dense model)."""
+class A3Gemma3Config(CausalA3Shapes, Gemma3TextConfig):
+    """Gemma 3 text config plus per-layer A³ shapes (:class:`CausalA3Shapes`; every extra field defaults to the
+    dense model)."""
 
     model_type = "a3q_gemma3"
-
-    qk_head_dims: list[int] | None = None
-    vo_head_dims: list[int] | None = None
-    intermediate_sizes: list[int] | None = None
-    rope_pairs: list | None = None  # per layer: None (all pairs) or one sorted list of kept pairs per KV head
-
-    def __post_init__(self, **kwargs) -> None:
-        super().__post_init__(**kwargs)
-        normalize_a3_shapes(self)
-        if self.use_bidirectional_attention:
-            raise ValueError("A3Gemma3Config supports causal attention only (use_bidirectional_attention=False).")
 
 
 class A3Gemma3Attention(Gemma3Attention):
@@ -196,8 +184,4 @@ class A3Gemma3ForCausalLM(A3Gemma3PreTrainedModel, Gemma3ForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-        if getattr(config, "a3q_factorized", None):  # low-rank baselines' two-factor linears
-            replace_with_factored_linears(self, config.a3q_factorized)
-        if getattr(config, "a3q_gptq", None):  # GPTQ-packed linears: codes come with the weights
-            replace_with_gptq_linears(self, config.a3q_gptq)
-        self.register_forward_pre_hook(bitsandbytes_cpu_hook)
+        prepare_module_types(self)  # recorded GPTQ / low-rank modules, bitsandbytes' CPU path (a3q_module_types.py)

@@ -34,9 +34,7 @@ from transformers.models.gpt2.modeling_gpt2 import (
 )
 from transformers.utils.output_capturing import OutputRecorder
 
-from .a3q_bnb_cpu import bitsandbytes_cpu_hook
-from .a3q_factored_linear import replace_with_factored_linears
-from .a3q_gptq_linear import replace_with_gptq_linears
+from .a3q_module_types import prepare_module_types
 
 __all__ = [
     "A3GPT2Config",
@@ -242,12 +240,7 @@ class A3GPT2ForCausalLM(A3GPT2PreTrainedModel, GPT2LMHeadModel):
         self.transformer = A3GPT2Model(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
-        if getattr(config, "a3q_factorized", None):  # two-factor linears of the low-rank baselines (svd, asvd, svd_llm)
-            replace_with_factored_linears(self, config.a3q_factorized)
-        if getattr(config, "a3q_gptq", None):  # GPTQ-quantized linears (a3q's gptq stage): codes come with the weights
-            replace_with_gptq_linears(self, config.a3q_gptq)
-        # bitsandbytes 4-bit linears on CPU: exact for A³'s odd shapes (see a3q_bnb_cpu.py); a no-op otherwise
-        self.register_forward_pre_hook(bitsandbytes_cpu_hook)
+        prepare_module_types(self)  # recorded GPTQ / low-rank modules, bitsandbytes' CPU path (a3q_module_types.py)
 
 
 A3GPT2LMHeadModel = A3GPT2ForCausalLM  # GPT-2 naming alias

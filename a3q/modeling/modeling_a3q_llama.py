@@ -45,9 +45,7 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .a3q_bnb_cpu import bitsandbytes_cpu_hook
-from .a3q_factored_linear import replace_with_factored_linears
-from .a3q_gptq_linear import replace_with_gptq_linears
+from .a3q_module_types import prepare_module_types
 from .a3q_layer_shapes import normalize_a3_shapes, rope_gather_index
 
 __all__ = [
@@ -293,7 +291,6 @@ class A3LlamaModel(A3LlamaPreTrainedModel, LlamaModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-
     @merge_with_config_defaults
     @capture_outputs
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
@@ -333,9 +330,4 @@ class A3LlamaForCausalLM(A3LlamaPreTrainedModel, LlamaForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-        if getattr(config, "a3q_factorized", None):  # two-factor linears of the low-rank baselines (svd, asvd, svd_llm)
-            replace_with_factored_linears(self, config.a3q_factorized)
-        if getattr(config, "a3q_gptq", None):  # GPTQ-quantized linears (a3q's gptq stage): codes come with the weights
-            replace_with_gptq_linears(self, config.a3q_gptq)
-        # bitsandbytes 4-bit linears on CPU: exact for A³'s odd shapes (see a3q_bnb_cpu.py); a no-op otherwise
-        self.register_forward_pre_hook(bitsandbytes_cpu_hook)
+        prepare_module_types(self)  # recorded GPTQ / low-rank modules, bitsandbytes' CPU path (a3q_module_types.py)

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from a3q import distributed
 from a3q.arch import LAYER_PREFIX, decoder_layers, lm_logits
 from a3q.graph import ModelGraph
-from a3q.offload import hold_layer
+from a3q.layer_store.hold import hold_layer
 from a3q.numerics import check_activations_finite, check_module_finite
 from a3q.pipeline.stage import CalibratingStage, StopLayer
 
@@ -263,8 +263,7 @@ def _run_layers(graph: ModelGraph, windows: Tensor, stages: list[CalibratingStag
     for index in layers:
         with hold_layer(graph, index):  # an offloaded layer is read in here and written out, changed, after
             sequential = _finish_layer(graph, index, stages, planners, streams, sequential, reduce, names)
-            if graph.offload is not None:
-                graph.offload.mark_changed(index)
+            graph.layer_store.mark_changed(graph, index)
             if checkpoint is not None:
                 checkpoint.after_layer(graph, index, stages, _stream_hidden(stages, streams, sequential))
     return graph

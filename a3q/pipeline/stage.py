@@ -54,7 +54,7 @@ class CalibratingStage:
     statistics: Statistics = "sequential"
     #: windows per forward; the pass uses the largest of its stages'
     batch_size: int = 4
-    #: whether :meth:`process` changes layer sizes (one such stage per pass: see ``a3q.passes.plan_groups``)
+    #: whether :meth:`process` changes layer sizes (one such stage per pass: see :func:`a3q.pipeline.groups.plan_groups`)
     resizes_layers: bool = False
     #: attributes carried from layer to layer (JSON values and tensors), saved in checkpoints by :meth:`state_dict`
     checkpointed: tuple[str, ...] = ("seconds", "metrics")

@@ -1,4 +1,5 @@
-"""bitsandbytes' 4-bit (NF4/FP4) and 8-bit (LLM.int8()) linears as a registered storage format.
+"""bitsandbytes' 4-bit (NF4/FP4) and 8-bit (LLM.int8()) linears: quantizing, and their storage format (the ``bnb``
+entry of :mod:`a3q.module_types`).
 
 What is stored per quantized linear, in bitsandbytes' own state-dict serialisation (what ``save_pretrained`` writes
 and ``from_pretrained`` with a ``BitsAndBytesConfig`` reads back), for ``n = in·out`` weights:
@@ -28,10 +29,9 @@ import torch
 from torch import nn
 
 from a3q.modeling.a3q_bnb_cpu import dequantize_4bit_exact, use_exact_cpu_path
-from a3q.quant import register_storage
+from a3q.placement import DTYPES
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: blocksize of the second-level (double) quantization of the 4-bit scales; fixed inside bitsandbytes
 NESTED_BLOCKSIZE = 256
@@ -156,7 +156,7 @@ def quantize_linear(
         if blocksize not in BLOCKSIZES:
             raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
         module = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
-                                   compute_dtype=COMPUTE_DTYPES[compute_dtype], compress_statistics=double_quant,
+                                   compute_dtype=DTYPES[compute_dtype], compress_statistics=double_quant,
                                    quant_type=quant_type, quant_storage=torch.uint8, device="meta")
         module.weight = bnb.nn.Params4bit(weight, requires_grad=False, blocksize=blocksize,
                                           compress_statistics=double_quant, quant_type=quant_type,
@@ -197,7 +197,7 @@ def quantization_config(quant_type: str, double_quant: bool, compute_dtype: str,
                                   llm_int8_skip_modules=list(skip_modules))
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                               bnb_4bit_use_double_quant=double_quant,
-                              bnb_4bit_compute_dtype=COMPUTE_DTYPES[compute_dtype],
+                              bnb_4bit_compute_dtype=DTYPES[compute_dtype],
                               bnb_4bit_quant_storage=torch.uint8, llm_int8_skip_modules=list(skip_modules))
 
 
@@ -248,5 +248,3 @@ def quiet_int8_cast_warning() -> None:
     if not any(isinstance(existing, _DropInt8CastWarning) for existing in logger.filters):
         logger.addFilter(_DropInt8CastWarning())
 
-
-register_storage("bnb", describe, stored_bytes)

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from a3q.distributed import reduce_together
+
 
 class HessianAccumulator:
     """Running ``2 E[x xᵀ]`` of a linear's inputs (one per distinct input, fed by a forward pre-hook).
@@ -74,8 +76,6 @@ class HessianAccumulator:
     def reduce_all(accumulators: list[HessianAccumulator], reduce: Callable[[Tensor], Tensor]) -> None:
         """Sum every accumulator's ``sum`` and ``tokens`` over all processes in ONE ``reduce`` call (the sums, never
         ``hessian()``: normalising happens after); ``reduce(t)`` is the element-wise sum of ``t`` over the ranks."""
-        from a3q.distributed import reduce_together
-
         if not accumulators:
             return
         device = accumulators[0].sum.device

@@ -1,4 +1,5 @@
-"""a3q's GPTQ linear (GPTQ v1 layout, see :mod:`a3q.modeling.a3q_gptq_linear`) as a registered storage format."""
+"""a3q's GPTQ linear (GPTQ v1 layout, see :mod:`a3q.modeling.a3q_gptq_linear`) as a storage format: its record and
+its exact bytes (the ``gptq`` entry of :mod:`a3q.module_types`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import math
 from typing import Any
 
 from a3q.modeling.a3q_gptq_linear import SUPPORTED_BITS, GPTQLinear, pack_rows, replace_with_gptq_linears, unpack_rows
-from a3q.quant import register_storage
 
 __all__ = ["GPTQLinear", "SUPPORTED_BITS", "describe", "pack_rows", "replace_with_gptq_linears", "stored_bytes", "unpack_rows"]
 
@@ -25,5 +25,3 @@ def stored_bytes(storage: dict, fan_in: int, fan_out: int) -> int:
     qzeros = 4 * groups * math.ceil(fan_out * bits / 32)
     return qweight + qzeros + 2 * groups * fan_out + 4 * fan_in
 
-
-register_storage("gptq", describe, stored_bytes)

@@ -27,9 +27,11 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from a3q.arch import LAYER_PREFIX, LINEAR_PATHS, layer_linears
-from a3q.graph import ModelGraph
-from a3q.registry import StageConfig, register_stage
 from a3q.arch.surgery import swap_module, with_separate_linears
+from a3q.graph import ModelGraph
+from a3q.modeling.a3q_bnb_cpu import rows_split_blocks
+from a3q.quant import bnb as bnb_format
+from a3q.registry import StageConfig, register_stage
 
 FOUR_BIT_FIELDS = ("double_quant", "compute_dtype", "blocksize")
 INT8_FIELDS = ("threshold",)
@@ -78,8 +80,6 @@ def quantize_graph(graph: ModelGraph, config: BnbConfig) -> tuple[list[str], lis
     """Replace the decoder linears in place; returns the module paths (quantized, kept in float)."""
     from torch import nn
 
-    from a3q.quant import bnb as bnb_format
-
     quantized: list[str] = []
     kept: list[str] = []
     for index, layer in enumerate(graph.layers):
@@ -102,8 +102,6 @@ def quantize_graph(graph: ModelGraph, config: BnbConfig) -> tuple[list[str], lis
 
 @register_stage("bnb", BnbConfig)
 def bnb(graph: ModelGraph, config: BnbConfig, context) -> ModelGraph:
-    from a3q.quant import bnb as bnb_format
-
     graph = with_separate_linears(graph)
     float_bytes = graph.decoder_linear_bytes()
     float_weights = graph.decoder_linear_params()
@@ -146,6 +144,4 @@ CPU_NOTE = "plain bitsandbytes 0.50 on CPU mishandles such rows, see a3q.modelin
 
 
 def _rows_split_blocks(graph: ModelGraph, paths: list[str]) -> list[str]:
-    from a3q.modeling.a3q_bnb_cpu import rows_split_blocks
-
     return [path for path in paths if rows_split_blocks(graph.model.get_submodule(path))]

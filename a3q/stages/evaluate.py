@@ -12,7 +12,7 @@ from pydantic import Field
 
 from a3q.calib.sources import TextDemand, TextSourceFields
 from a3q.calib.windows import sequential_windows
-from a3q.metrics.layerwise import layerwise_window_nll
+from a3q.metrics.layerwise import layerwise_scorer
 from a3q.metrics.perplexity import perplexity
 from a3q.registry import StageConfig, register_stage
 
@@ -44,10 +44,9 @@ class EvaluateConfig(StageConfig, TextSourceFields):
 def evaluate(graph, config: EvaluateConfig, context):
     windows = sequential_windows(graph.tokenizer, config.source(), config.seq_len, config.max_windows)
     result = perplexity(
-        graph.model, windows, batch_size=config.batch_size, description=context.spec.label, cache_chunk=config.cache_chunk,
+        graph.model, windows, batch_size=config.batch_size, description=context.label, cache_chunk=config.cache_chunk,
         across_processes=True,  # data-parallel run: each process scores its share, the sums are reduced
-        layerwise=None if graph.offload is None else lambda share: layerwise_window_nll(
-            graph, share, config.batch_size, progress=True, description=context.spec.label),
+        layerwise=layerwise_scorer(graph, config.batch_size, description=context.label),  # offloaded: by layer
     )
     context.metrics.update(
         ppl=result.perplexity,

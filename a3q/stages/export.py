@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
+from a3q import distributed
 from a3q.io.artifact import ArtifactExistsError, check_target, save_artifact
+from a3q.io.manifest import read_manifest
 from a3q.io.shards import DEFAULT_MAX_SHARD_SIZE, parse_shard_size
 from a3q.registry import StageConfig, register_stage
 
@@ -43,11 +45,8 @@ class ExportConfig(StageConfig):
 def export(graph, config: ExportConfig, context):
     """Write the artifact. In a data-parallel run only rank 0 writes (every rank holds the same model); the others
     wait on a barrier until it is written, so a later ``reload`` finds it on every rank."""
-    from a3q import distributed
-    from a3q.io.manifest import read_manifest
-
     if distributed.is_main():
-        path = save_artifact(graph, config.path, recipe=context.recipe.raw, report=context.report.rows,
+        path = save_artifact(graph, config.path, recipe=context.recipe_raw, report=context.report_rows,
                              max_shard_size=config.max_shard_size)
     distributed.barrier()
     if not distributed.is_main():

@@ -39,6 +39,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from a3q.arch import LAYER_PREFIX, LINEAR_PATHS, SHARED_INPUTS, layer_linears
+from a3q.arch.auto import is_a3_model
 from a3q.arch.surgery import swap_module, with_separate_linears
 from a3q.graph import ModelGraph
 from a3q.pipeline.stage import CalibratingStage, StopLayer
@@ -285,8 +286,6 @@ def record_gptq_config(model: Any, config: GPTQConfig, paths: list[str], partial
     of 128) names gptqmodel's ``gptq_torch`` backend: its automatically chosen CPU kernel fails on them at the first
     forward, the torch one computes them correctly.
     """
-    from a3q.modeling.auto import is_a3_model
-
     model.config.a3q_gptq = {"bits": config.bits, "group_size": config.group_size, "sym": config.sym,
                              "act_order": config.act_order, "act_group_aware": config.act_group_aware,
                              "true_sequential": config.true_sequential, "modules": list(paths)}

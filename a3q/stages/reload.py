@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import Field
 
 from a3q.io.loading import load_graph
+from a3q.io.model_folder import model_folder_problem
 from a3q.registry import StageConfig, register_stage
 
 
@@ -29,7 +30,6 @@ class ReloadConfig(StageConfig):
             resolved = Path(self.path).resolve()
             if resolved in written:
                 return []
-            from a3q.io.model_folder import model_folder_problem
 
             if not resolved.is_dir():
                 return [f"path: '{self.path}' does not exist and no earlier stage exports to it"]
@@ -40,16 +40,15 @@ class ReloadConfig(StageConfig):
 
 
 def _latest_export(context) -> str:
-    earlier = context.recipe.stages[: context.spec.index]
-    return next(spec.config.artifact_target() for spec in reversed(earlier) if spec.config.artifact_target())
+    return next(spec.config.artifact_target() for spec in reversed(context.earlier) if spec.config.artifact_target())
 
 
 @register_stage("reload", ReloadConfig)
 def reload(graph, config: ReloadConfig, context):
     path = config.path if config.path is not None else _latest_export(context)
     device = next(graph.model.parameters()).device  # where the run's model is (the recipe's device, resolved)
-    offload = "none" if graph.offload is None else graph.offload.mode  # an offloaded run reloads offloaded too
-    reloaded = load_graph(path, context.recipe.dtype, verify=config.verify, device=device, offload=offload,
+    reloaded = load_graph(path, context.dtype, verify=config.verify, device=device,
+                          offload=graph.layer_store.mode,  # an offloaded run reloads offloaded too
                           offload_near=context.output_dir)
     context.metrics.update(note=f"← {path}" + ("" if config.verify else " (not verified)"))
     return reloaded

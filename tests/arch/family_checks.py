@@ -22,9 +22,9 @@ import torch
 
 from a3q.arch import adapter, describe
 from a3q.metrics.layerwise import layerwise_window_nll
-from a3q.passes import apply_stage
+from a3q.engine import apply_stage
 from a3q.pipeline.runner import LayerProbe
-from a3q.modeling.auto import (a3_config_from_dense, a3_model_from_state_dict, remote_code_entry, save_with_remote_code,
+from a3q.arch.auto import (a3_config_from_dense, a3_model_from_state_dict, remote_code_entry, save_with_remote_code,
                                to_a3_model)
 from tests.decoding import incremental_logits
 from tests.remote_code import remote_code_logits

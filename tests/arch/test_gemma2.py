@@ -14,7 +14,7 @@ import math
 import torch
 from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
 
-from a3q.modeling.auto import to_a3_model
+from a3q.arch.auto import to_a3_model
 from tests.arch.family_checks import check_family, logits, token_ids
 
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]

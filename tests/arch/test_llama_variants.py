@@ -44,7 +44,7 @@ def test_family_checks(make, tmp_path):
 
 
 def test_sliding_layers_are_carried_over():
-    from a3q.modeling.auto import to_a3_model
+    from a3q.arch.auto import to_a3_model
 
     qwen2 = to_a3_model(tiny_qwen2()).config
     assert (qwen2.sliding_window, qwen2.layer_types) == (4, ["full_attention"] + ["sliding_attention"] * 2)

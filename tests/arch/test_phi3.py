@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import Phi3Config, Phi3ForCausalLM
 
-from a3q.modeling.auto import to_a3_model
+from a3q.arch.auto import to_a3_model
 from tests.arch.family_checks import check_family, logits, token_ids
 
 SIZES = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from a3q.arch import family_of
-from a3q.modeling.auto import to_a3_model
+from a3q.arch.auto import to_a3_model
 from a3q.modeling.modeling_a3q_qwen3 import A3Qwen3ForCausalLM
 from tests.arch.family_checks import check_family
 

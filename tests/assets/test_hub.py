@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from a3q.assets.models import HubModelError, check_model_reference, looks_like_hub_id, resolve_hub_model
+from a3q.assets.models import HubModelError, looks_like_hub_id, resolve_hub_model
+from a3q.io.model_folder import check_model_reference
 from a3q.recipe import RecipeError, parse_recipe
 
 REPO = "a3q-test/smollm2-mirror"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from a3q.calib.corpus import load_articles, split_articles
+from a3q.assets.corpus import load_articles, split_articles
 
 
 @pytest.fixture(scope="session")

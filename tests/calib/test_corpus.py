@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from a3q.calib.corpus import TEST_EVERY, corpus_text, load_articles, split_articles, text_fingerprint
+from a3q.assets.corpus import TEST_EVERY, corpus_text, load_articles, split_articles, text_fingerprint
 
 
 def test_corpus_is_the_cleaned_wikipedia_dump():

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-import a3q.engine
+import a3q.session
 from a3q.calib.sources import TextSource, TextSourceError
 from a3q.calib.windows import random_windows, sequential_windows
 from a3q.cli import app
@@ -129,7 +129,7 @@ def test_the_cli_refuses_a_bad_data_file_in_one_line_with_exit_2_before_the_mode
     """``a3q run``: a .json nested 100k levels deep (at validation), a later record nested so (when the text is
     read, before the model loads) and ``messages: "a string"``: exit 2, the problem on one line, no traceback."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(a3q.engine, "load_graph", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(a3q.session, "load_graph", lambda *a, **k: pytest.fail("the model was loaded"))
     deep = "[" * 100_000 + "]" * 100_000
     (tmp_path / "deep.json").write_text(deep, encoding="utf-8")
     (tmp_path / "later.json").write_text(f'[{{"text": "fine"}}, {deep}]', encoding="utf-8")

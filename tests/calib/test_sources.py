@@ -14,7 +14,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from a3q.calib.corpus import corpus_text
+from a3q.assets.corpus import corpus_text
 from a3q.calib.sources import TextDemand, TextSource, TextSourceError, enwiki
 from a3q.calib.tokens import token_stream
 from a3q.calib.windows import random_windows, sequential_windows, window_shortfalls
@@ -165,10 +165,10 @@ def test_exactly_one_source_and_only_its_fields(tmp_path):
 
 
 def test_recipes_name_their_own_text_and_fail_before_the_model_loads(tmp_path, monkeypatch, docs):
-    import a3q.engine
+    import a3q.session
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(a3q.engine, "load_graph", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(a3q.session, "load_graph", lambda *a, **k: pytest.fail("the model was loaded"))
     _jsonl(tmp_path / "chat.jsonl", [{"messages": chat} for chat in _chats(docs)])
     folder = tmp_path / "held_out"
     folder.mkdir()

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from a3q.calib import pieces, readers, tokens
 from a3q.calib import windows as win
-from a3q.calib.corpus import corpus_text, load_articles
+from a3q.assets.corpus import corpus_text, load_articles
 from a3q.calib.sources import TextDemand, TextSource, TextSourceError, enwiki
 from a3q.calib.tokens import count_tokens, token_stream
 from a3q.calib.windows import (first_of_permutation, partial_permutation, random_windows, sequential_windows,

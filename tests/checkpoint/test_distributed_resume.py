@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+import tests.stop_at as stop_at_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,10 +63,10 @@ def _recipe(folder: Path, model: Path, name: str) -> Path:
 def _start(recipe: Path, out: Path, nproc: int, *flags: str, stop_at: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT), "A3Q_COLLECTIVE_TIMEOUT_S": "120"}
-    env.pop("A3Q_TEST_STOP_AT", None)
+    env.pop(stop_at_module.VARIABLE, None)
     if stop_at:
-        env["A3Q_TEST_STOP_AT"] = stop_at
-    command = [sys.executable, "-m", "a3q.cli", "run", str(recipe), "--out", str(out), "--nproc", str(nproc), *flags]
+        env[stop_at_module.VARIABLE] = stop_at
+    command = stop_at_module.command("run", str(recipe), "--out", str(out), "--nproc", str(nproc), *flags)
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -24,11 +24,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from a3q.checkpoint.run import CheckpointRefused, RunCheckpoint
-from a3q.checkpoint.stops import TEST_STOP_VARIABLE, RunStopped, StopSignals
+from a3q.checkpoint.stops import RunStopped, StopSignals, stop_points
 from a3q.checkpoint.store import FORMAT_VERSION, CheckpointError
 from a3q.engine import run_recipe
 from a3q.io.manifest import SEAL_KEY, seal
 from a3q.recipe import Recipe, parse_recipe
+from tests.stop_at import SignalAt
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -57,12 +58,8 @@ def made(tmp_path_factory, smollm2_path) -> Made:
            "stages": [{"stage": "a3", "allocation": "uniform", "ratio": 0.3, "batch_size": 2}, {"stage": "kv", "kv_ratio": 0.3, "batch_size": 2},
                       {"stage": "gptq", "bits": 4, "group_size": 16, "batch_size": 2}]}
     made = Made(root / "model", root / "out", parse_recipe(raw))
-    os.environ[TEST_STOP_VARIABLE] = "group1.layer1:TERM"
-    try:
-        with pytest.raises(RunStopped):
-            run_recipe(made.recipe, made.out, show_table=False)
-    finally:
-        del os.environ[TEST_STOP_VARIABLE]
+    with stop_points(SignalAt("group1.layer1:TERM")), pytest.raises(RunStopped):
+        run_recipe(made.recipe, made.out, show_table=False)
     names = {p.relative_to(made.out / "checkpoint").as_posix() for p in (made.out / "checkpoint").rglob("*")}
     assert {"model-00/model.safetensors", "pass-01/layer-00001.safetensors", "pass-01/state-00002.safetensors"} <= names
     return made

@@ -14,14 +14,14 @@ import torch
 from a3q.arch import describe
 from a3q.checkpoint.run import CheckpointRefused, RunCheckpoint
 from a3q.checkpoint.state import join_tensors, rng_state, set_rng_state, split_tensors
-from a3q.checkpoint.stops import TEST_STOP_VARIABLE, RunStopped, StopSignals
+from a3q.checkpoint.stops import RunStopped, StopSignals
 from a3q.checkpoint.store import CheckpointError
-from a3q.engine import StageContext
 from a3q.io.manifest import SEAL_KEY, seal
 from a3q.pipeline.runner import run_pipeline
 from a3q.recipe import parse_recipe
-from a3q.registry import get_stage
+from a3q.registry import build_stages
 from tests.stages.a3.test_pipeline_tiny import tiny_llama
+from tests.stop_at import SignalAt
 
 WINDOWS = torch.randint(0, 96, (6, 24), generator=torch.Generator().manual_seed(1))
 STAGE_LISTS = {
@@ -59,12 +59,13 @@ def _recipe(folder, stages, **header):
     return parse_recipe({"model": str(folder), "stages": stages, **header}, check_model=False)
 
 
-def _run(recipe, folder, out, resume=False, restart=False):
-    """One pass of ``recipe``'s stages over WINDOWS with checkpoints in ``out`` (as the engine runs a group)."""
+def _run(recipe, folder, out, resume=False, restart=False, stop_at=None):
+    """One pass of ``recipe``'s stages over WINDOWS with checkpoints in ``out`` (as the engine runs a group);
+    ``stop_at``: where a signal stops it (:class:`tests.stop_at.SignalAt`)."""
     graph = describe(_model(), tokenizer=None, source="tiny")
-    with StopSignals() as stops:
+    with StopSignals(points=SignalAt(stop_at) if stop_at else None) as stops:
         checkpoint = RunCheckpoint.open(out, recipe, folder, resume=resume, restart=restart, stops=stops)
-        workers = [get_stage(spec.name).build(spec.config, StageContext(recipe, spec)) for spec in recipe.stages]
+        workers = build_stages(recipe)
         graph = run_pipeline(graph, WINDOWS, workers, progress=False,
                              checkpoint=checkpoint.pass_checkpoint(0, "test pass"))
     return graph, workers
@@ -79,13 +80,11 @@ def _same_model(a, b):
 
 @pytest.mark.parametrize(("name", "stop_at"), [(name, ("group0.layer1:TERM", "group0.layer2:INT")[position % 2])
                                                for position, name in enumerate(ONE_PASS)])
-def test_a_stopped_pass_resumes_to_the_uninterrupted_result(tmp_path, model_folder, monkeypatch, name, stop_at):
+def test_a_stopped_pass_resumes_to_the_uninterrupted_result(tmp_path, model_folder, name, stop_at):
     recipe = _recipe(model_folder, STAGE_LISTS[name])
     expected, expected_workers = _run(recipe, model_folder, tmp_path / "reference")
-    monkeypatch.setenv(TEST_STOP_VARIABLE, stop_at)
     with pytest.raises(RunStopped, match=r"stopped by SIG(TERM|INT) after layer \d of test pass; checkpoint in"):
-        _run(recipe, model_folder, tmp_path / "out")
-    monkeypatch.delenv(TEST_STOP_VARIABLE)
+        _run(recipe, model_folder, tmp_path / "out", stop_at=stop_at)
     resumed, workers = _run(recipe, model_folder, tmp_path / "out", resume=True)
     _same_model(expected, resumed)
     for a, b in zip(expected_workers, workers):
@@ -95,10 +94,8 @@ def test_a_stopped_pass_resumes_to_the_uninterrupted_result(tmp_path, model_fold
 def test_a_planning_stage_resumes_after_its_plan_without_planning_again(tmp_path, model_folder, monkeypatch):
     recipe = _recipe(model_folder, STAGE_LISTS["a3-global"], checkpoint_every=100)
     expected, _ = _run(recipe, model_folder, tmp_path / "reference")
-    monkeypatch.setenv(TEST_STOP_VARIABLE, "group0.plan:TERM")
     with pytest.raises(RunStopped, match="after planning"):
-        _run(recipe, model_folder, tmp_path / "out")
-    monkeypatch.delenv(TEST_STOP_VARIABLE)
+        _run(recipe, model_folder, tmp_path / "out", stop_at="group0.plan:TERM")
     planned = []
     monkeypatch.setattr("a3q.stages.a3.stage.plan_global_ranks", lambda *a, **k: planned.append(1))
     resumed, _ = _run(recipe, model_folder, tmp_path / "out", resume=True)
@@ -132,16 +129,13 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(
     _same_model(expected, resumed)
 
 
-def test_the_checkpoint_is_refused_for_another_recipe_or_model_and_never_overwritten(tmp_path, model_folder,
-                                                                                     monkeypatch):
+def test_the_checkpoint_is_refused_for_another_recipe_or_model_and_never_overwritten(tmp_path, model_folder):
     recipe = _recipe(model_folder, STAGE_LISTS["a3+gptq"])
     out = tmp_path / "out"
     with pytest.raises(CheckpointRefused, match="no checkpoint"):
         RunCheckpoint.open(out, recipe, model_folder, resume=True, restart=False, stops=StopSignals())
-    monkeypatch.setenv(TEST_STOP_VARIABLE, "group0.layer1:TERM")
     with pytest.raises(RunStopped):
-        _run(recipe, model_folder, out)
-    monkeypatch.delenv(TEST_STOP_VARIABLE)
+        _run(recipe, model_folder, out, stop_at="group0.layer1:TERM")
     with pytest.raises(CheckpointRefused, match=r"unfinished run \(after layer 1 of test pass\): --resume"):
         RunCheckpoint.open(out, recipe, model_folder, resume=False, restart=False, stops=StopSignals())
     changed = _recipe(model_folder, [{"stage": "a3", "allocation": "uniform", "ratio": 0.2}, STAGE_LISTS["a3+gptq"][1]])
@@ -203,14 +197,12 @@ def test_rng_states_round_trip_through_json_and_tensors():
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
 
 
-def test_a_manifest_can_name_only_files_a3q_writes(tmp_path, model_folder, monkeypatch):
+def test_a_manifest_can_name_only_files_a3q_writes(tmp_path, model_folder):
     """A crafted checkpoint.json must not make a resume read, replace or delete anything outside the folder."""
     recipe = _recipe(model_folder, STAGE_LISTS["a3+gptq"])
     out = tmp_path / "out"
-    monkeypatch.setenv(TEST_STOP_VARIABLE, "group0.layer1:TERM")
     with pytest.raises(RunStopped):
-        _run(recipe, model_folder, out)
-    monkeypatch.delenv(TEST_STOP_VARIABLE)
+        _run(recipe, model_folder, out, stop_at="group0.layer1:TERM")
     path = out / "checkpoint" / "checkpoint.json"
     saved = path.read_text()
     victim = tmp_path / "victim"

@@ -1,7 +1,7 @@
 """Killed, stopped and resumed runs on the real model give the same artifact as an uninterrupted run.
 
 One chain of subprocesses, each a real ``a3q run`` of SmolLM2 (A³ 20% + GPTQ 4-bit, one shared layer-by-layer pass,
-then export), with stop points made deterministic by ``A3Q_TEST_STOP_AT``:
+then export), stopped at chosen points by :mod:`tests.stop_at`:
 
 1. SIGTERM after layer 7 (checkpoints only every 100 layers, so the one written is the stop's own): exit 143, one
    line saying how to resume;
@@ -18,12 +18,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
+
+import tests.stop_at as stop_at_module
+
+ROOT = Path(__file__).resolve().parents[2]
 
 RECIPE = {
     "model": "smollm2-135m",
@@ -37,11 +40,12 @@ RECIPE = {
 
 
 def _run(recipe: Path, out: Path, *flags: str, stop_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env.pop("A3Q_TEST_STOP_AT", None)
+    """``a3q run`` in a child process, stopped at ``stop_at`` (:mod:`tests.stop_at`)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop(stop_at_module.VARIABLE, None)
     if stop_at:
-        env["A3Q_TEST_STOP_AT"] = stop_at
-    return subprocess.run([sys.executable, "-m", "a3q.cli", "run", str(recipe), "--out", str(out), *flags],
+        env[stop_at_module.VARIABLE] = stop_at
+    return subprocess.run(stop_at_module.command("run", str(recipe), "--out", str(out), *flags),
                           env=env, capture_output=True, text=True, timeout=900)
 
 

@@ -19,7 +19,7 @@ import torch
 
 import a3q
 from a3q.io.artifact import ArtifactExistsError, save_artifact
-from a3q.io.atomic import STAGING_MARKER, TargetBusyError, target_lock
+from a3q.atomic import STAGING_MARKER, TargetBusyError, target_lock
 from a3q.io.manifest import ArtifactError, verify_artifact
 from a3q.recipe import RecipeError, parse_recipe
 

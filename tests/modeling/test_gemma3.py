@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from a3q.modeling.auto import to_a3_model
+from a3q.arch.auto import to_a3_model
 from a3q.modeling.modeling_a3q_gemma3 import A3Gemma3ForCausalLM
 from tests.arch.family_checks import check_family
 
@@ -75,7 +75,7 @@ def test_real_gemma3_a3_smoke(gemma3_real):
     from a3q.calib.sources import enwiki
     from a3q.calib.windows import random_windows, sequential_windows
     from a3q.metrics.perplexity import perplexity
-    from a3q.passes import apply_stage
+    from a3q.engine import apply_stage
 
     tokenizer = gemma3_real.tokenizer
     calibration = random_windows(tokenizer, enwiki("calib"), REAL_CALIBRATION["seq_len"], REAL_CALIBRATION["windows"],

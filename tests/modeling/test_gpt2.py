@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMHeadModel
 
-from a3q.modeling.auto import (
+from a3q.arch.auto import (
     A3GPT2Config,
     A3GPT2ForCausalLM,
     a3_config_from_dense,

@@ -20,7 +20,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from a3q.modeling.auto import (
+from a3q.arch.auto import (
     A3LlamaForCausalLM,
     a3_config_from_dense,
     a3_model_from_state_dict,

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from a3q.arch import decoder_layers, describe
-from a3q.engine import StageContext, apply_stage, apply_stages, plan_groups
+from a3q.engine import apply_stage, apply_stages
+from a3q.pipeline.groups import plan_groups
 from a3q.pipeline.runner import LayerProbe, run_pipeline
 from a3q.pipeline.stage import CalibratingStage
 from a3q.recipe import parse_recipe
-from a3q.registry import get_stage
+from a3q.registry import build_stages
 from a3q.stages.a3.apply import compress_model
 from a3q.stages.a3.ranks import plan_ranks
 from a3q.stages.a3.stage import A3Config, A3Stage
@@ -27,7 +28,7 @@ from tests.stages.a3.test_pipeline_tiny import graph_of, tiny_gpt2, tiny_llama, 
 
 def _groups(stages):
     recipe = parse_recipe({"model": "smollm2-135m", "stages": stages}, check_model=False)
-    workers = [get_stage(spec.name).build(spec.config, StageContext(recipe, spec)) for spec in recipe.stages]
+    workers = build_stages(recipe)
     names = {id(worker): spec.name for worker, spec in zip(workers, recipe.stages)}
     return [[names[id(worker)] for worker in group] for group in plan_groups(workers)]
 

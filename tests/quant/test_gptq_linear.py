@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from a3q.quant import weight_bytes
+from a3q.module_types import weight_bytes
 from a3q.quant.gptq_linear import GPTQLinear, pack_rows, unpack_rows
 
 

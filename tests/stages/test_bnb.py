@@ -23,7 +23,7 @@ from a3q.calib.sources import enwiki
 from a3q.calib.windows import sequential_windows
 from a3q.io.artifact import save_artifact
 from a3q.quant import bnb as bnb_format
-from a3q.quant import storage_of, weight_bytes
+from a3q.module_types import storage_of, weight_bytes
 from a3q.recipe import RecipeError, parse_recipe
 from a3q.engine import apply_stage
 from a3q.registry import get_stage

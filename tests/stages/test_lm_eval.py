@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from a3q.calib.corpus import load_articles, split_articles
+from a3q.assets.corpus import load_articles, split_articles
 from a3q.engine import run_recipe
 from a3q.metrics.perplexity import perplexity
 from a3q.recipe import RecipeError, parse_recipe

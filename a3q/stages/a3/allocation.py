@@ -37,14 +37,15 @@ from tqdm.auto import tqdm
 
 from a3q.arch import FAMILIES, LINEAR_PATHS
 from a3q.graph import LayerStructure, ModelGraph
-from a3q.offload import hold_layer
+from a3q.layer_store.hold import hold_layer
+from a3q.pipeline.runner import LayerProbe
 from a3q.pipeline.stage import Probe
 from a3q.stages.a3.compress import compress_layer
 from a3q.stages.a3.mlp import mlp_channel_scores, select_channels
 from a3q.stages.a3.ov import ov_svd
 from a3q.stages.a3.qk import pair_coordinates, qk_svd, rope_pair_scores, select_rope_pairs
 from a3q.stages.a3.qk_norm import qk_pair_scores, zero_padded_trial
-from a3q.stages.a3.ranks import COMPONENTS, LayerRanks, round_rank
+from a3q.stages.a3.ranks import COMPONENTS, LayerRanks, allowed_head_dims, plan_ranks, round_rank
 from a3q.stages.a3.statistics import LayerStatistics
 
 SENSITIVITY_FLOOR = 1e-3
@@ -158,6 +159,21 @@ def greedy_allocate(curves: list[ErrorCurve], params_to_remove: int) -> tuple[li
     return chosen, removed
 
 
+def _joint_attention_curve(index: int, layer: LayerStructure, scaled: dict[str, Tensor], per_rank: dict[str, int],
+                           probe: dict[str, int], min_keep: float, head_dims: str) -> tuple[ErrorCurve, int, int]:
+    """One layer's q/k and v/o as one curve on the backend's head-size grid (``head_dims``): its modelled loss is the
+    two components' added, its cost per unit of head size theirs added. Returns the curve, the parameters removed by
+    starting at the grid's top (a head dim the grid lacks), and the attention's budget (the uniform plan's)."""
+    size = min(layer.qk_head_dim, layer.vo_head_dim)
+    grid = allowed_head_dims(head_dims, size) or [size]
+    floor_index = next((i for i, r in enumerate(grid) if r >= min_keep * size), len(grid) - 1)
+    loss = [float(scaled["qk"][r] + scaled["ov"][r]) for r in grid]
+    start = (layer.qk_head_dim - grid[-1]) * per_rank["qk"] + (layer.vo_head_dim - grid[-1]) * per_rank["ov"]
+    budget = (layer.qk_head_dim - probe["qk"]) * per_rank["qk"] + (layer.vo_head_dim - probe["ov"]) * per_rank["ov"]
+    curve = ErrorCurve(index, "attn", grid, loss, per_rank["qk"] + per_rank["ov"], min(floor_index, len(grid) - 1))
+    return curve, start, budget
+
+
 def candidate_ranks(size: int, multiple: int, even: bool, min_keep: float) -> tuple[list[int], int]:
     """The rank grid of one component (ascending, ending at ``size``) and the index of its floor."""
     step = math.lcm(multiple, 2) if even else multiple
@@ -239,8 +255,6 @@ def measure_sensitivity(graph: ModelGraph, statistics: list[LayerStatistics], pr
     to first order when the model is calibrated.
     """
     if isinstance(probe, Tensor):
-        from a3q.pipeline.runner import LayerProbe
-
         probe = LayerProbe(graph, probe)
     paths = dict(LINEAR_PATHS[graph.family])
     if FAMILIES[graph.family].qk_norm_paths is not None:
@@ -278,7 +292,7 @@ def plan_global_ranks(graph: ModelGraph, statistics: list[LayerStatistics], rati
                       probe: Probe | Tensor, multiple: int = 1, damping: float = 1e-6, max_shift: float = 0.3,
                       mix_components: bool = False, progress: bool = True,
                       sensitivity: dict[str, list[float]] | None = None, min_keep: float = MIN_KEEP,
-                      qk_norm: tuple[float, str] | None = None) -> Allocation:
+                      qk_norm: tuple[float, str] | None = None, head_dims: str = "any") -> Allocation:
     """Per-layer ranks removing at least what the uniform plan removes, at the smallest modelled loss.
 
     The budget is the uniform plan's (``ratios`` rounded as ``plan_ranks`` rounds them), so global and uniform
@@ -288,9 +302,12 @@ def plan_global_ranks(graph: ModelGraph, statistics: list[LayerStatistics], rati
     keeps its own uniform budget and only moves it between layers (moving budget between components was worse
     in measurements). ``sensitivity`` may be passed to reuse earlier probes. ``qk_norm``: ``(gain offset, mode)``
     in a family with per-head q/k norms (as :func:`a3q.stages.a3.apply.qk_norm_setting` gives it).
-    """
-    from a3q.stages.a3.ranks import plan_ranks
 
+    ``head_dims`` (``vllm-cpu``, ``flash``): q/k and v/o of a layer share one head size from the backend's grid, so
+    a server runs them unpadded. They become one curve per layer (the two modelled losses added) on that coarse grid,
+    free of ``max_shift`` (the grid's steps are wider than the band), with the attention's share of the budget; what
+    the grid's steps leave over or take beyond it moves to the MLP's share, so the total budget is the same.
+    """
     components = frozenset(c for c in COMPONENTS if ratios.get(c) is not None)
     uniform = plan_ranks(graph.layers, ratios, {}, multiple, graph.uses_rope)
     if sensitivity is None:
@@ -302,6 +319,9 @@ def plan_global_ranks(graph: ModelGraph, statistics: list[LayerStatistics], rati
     targets = {c: 0 for c in components}
     offset = 0  # parameters removed by starting each curve at its ceiling instead of the full size
     kept = [{"qk": layer.qk_head_dim, "ov": layer.vo_head_dim, "mlp": layer.intermediate_size} for layer in graph.layers]
+    joint = head_dims != "any" and {"qk", "ov"} <= components
+    if joint:
+        curves["attn"], targets["attn"] = [], 0
     for index, layer in enumerate(graph.layers):
         with hold_layer(graph, index) as held:  # the two weights the error curves need (an offloaded layer: read)
             w_down = held.get_submodule(paths["down"]).weight.detach().T.clone()
@@ -310,7 +330,15 @@ def plan_global_ranks(graph: ModelGraph, statistics: list[LayerStatistics], rati
                     "ov": graph.hidden_size * (layer.num_heads + layer.num_kv_heads),
                     "mlp": graph.hidden_size * (3 if layer.gated_mlp else 2)}
         probe = {"qk": uniform[index].qk, "ov": uniform[index].vo, "mlp": uniform[index].ff}
+        scaled: dict[str, Tensor] = {}  # the joint attention curve's parts: modelled loss at every rank
         for component in sorted(components, key=COMPONENTS.index):
+            if joint and component in ("qk", "ov"):
+                relative = relative_error_curve(layer, statistics[index], component, graph.uses_rope, damping,
+                                                w_down=w_down, w_o=w_o, qk_norm=qk_norm)
+                rank = probe[component]
+                scaled[component] = max(sensitivity[component][index], floor) / max(float(relative[rank]), 1e-12) \
+                    * relative
+                continue
             size, even = kept[index][component], graph.uses_rope and component == "qk"
             keep = 1 - ratios[component]
             grid, floor_index = candidate_ranks(size, multiple, even, max(keep - max_shift, min(min_keep, keep)))
@@ -329,14 +357,23 @@ def plan_global_ranks(graph: ModelGraph, statistics: list[LayerStatistics], rati
             scale = max(sensitivity[component][index], floor) / max(float(relative[probe[component]]), 1e-12)
             curves[component].append(ErrorCurve(index, component, grid, [scale * float(relative[r]) for r in grid],
                                                 per_rank[component], floor_index))
-    groups = [[c for c in COMPONENTS if c in components]] if mix_components else [[c] for c in COMPONENTS if c in components]
-    removed_total, target_total = offset, offset
+        if joint:
+            curve, start, budget = _joint_attention_curve(index, layer, scaled, per_rank, probe, min_keep, head_dims)
+            curves["attn"].append(curve)
+            offset += start
+            targets["attn"] += budget - start
+    order = ["attn", "mlp"] if joint else [c for c in COMPONENTS if c in components]
+    groups = [order] if mix_components else [[c] for c in order]
+    removed_total, target_total, carried = offset, offset, 0
     for group in groups:
         group_curves = [curve for c in group for curve in curves[c]]
-        target = sum(targets[c] for c in group)
+        target = sum(targets[c] for c in group) + carried
         chosen, removed = greedy_allocate(group_curves, target)
         for curve, choice in zip(group_curves, chosen):
-            kept[curve.layer][curve.component] = curve.ranks[choice]
+            for component in ("qk", "ov") if curve.component == "attn" else (curve.component,):
+                kept[curve.layer][component] = curve.ranks[choice]
+        if "attn" in group:  # the grid's coarse steps: the rest of the budget (or the excess) is the MLP's
+            carried = target - removed
         removed_total, target_total = removed_total + removed, target_total + target
     plans = [LayerRanks(qk=k["qk"], vo=k["ov"], ff=k["mlp"]) for k in kept]
     return Allocation(plans=plans, sensitivity=sensitivity, removed=removed_total, target=target_total)

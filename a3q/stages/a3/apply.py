@@ -11,6 +11,7 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from a3q.arch import FAMILIES, LAYER_PREFIX, LINEAR_PATHS
+from a3q.arch.auto import a3_config_from_dense, a3_model_from_state_dict
 from a3q.arch.surgery import as_a3_graph, layer_weights, redescribe, with_separate_linears  # noqa: F401
 from a3q.graph import ModelGraph
 from a3q.stages.a3.compress import LayerResult, compress_layer
@@ -44,8 +45,6 @@ def compress_model(
 
     ``qk_norm`` says how QK is compressed in families with per-head q/k norms (:mod:`a3q.stages.a3.qk_norm`).
     """
-    from a3q.modeling.auto import a3_config_from_dense, a3_model_from_state_dict
-
     state = graph.model.state_dict()
     paths = dict(LINEAR_PATHS[graph.family])
     norm_paths = FAMILIES[graph.family].qk_norm_paths

@@ -18,6 +18,8 @@
                             # post_norm with global ranks and pre_norm with uniform ones (the best measured of each)
   statistics: dense         # each layer's statistics from the model as the stage found it (the paper's protocol),
                             # or sequential: from the layers before it as already compressed (shared with GPTQ)
+  head_dims: any            # vllm-cpu or flash: q/k and v/o take one head size that backend's attention runs, so
+                            # a server keeps the whole KV saving (no padding; docs/serving.md), at the same budget
 ```
 
 ``allocation: global`` spends the uniform plan's parameter budget where the measured loss per removed
@@ -73,6 +75,7 @@ class A3Config(StageConfig):
     probe_seq_len: int = Field(256, ge=2)
     statistics: Literal["dense", "sequential"] = "dense"
     qk_norm: Literal["keep", "pre_norm", "post_norm"] = "post_norm"  # pre_norm with uniform ranks (_measured_defaults)
+    head_dims: Literal["any", "vllm-cpu", "flash"] = "any"  # one q/k = v/o head size a backend runs unpadded
 
     def changes_kv_ranks(self) -> bool:
         return "qk" in self.components or "ov" in self.components
@@ -110,6 +113,15 @@ class A3Config(StageConfig):
                 raise ValueError(f"{component}: no budget: set ratio, {component} or {_RANK_FIELD[component]}")
         if self.allocation == "global" and any(getattr(self, f) is not None for f in _RANK_FIELD.values()):
             raise ValueError("allocation: global chooses the ranks itself; give ratios, not qk_rank/vo_rank/ff_rank")
+        if self.head_dims != "any":
+            if not {"qk", "ov"} <= set(self.components):
+                raise ValueError(f"head_dims: {self.head_dims} gives q/k and v/o one head size: components must "
+                                 f"hold both qk and ov")
+            if self.qk_norm == "keep":
+                raise ValueError(f"head_dims: {self.head_dims} compresses q/k, which qk_norm: keep keeps whole")
+            if self.rank_multiple != 1:
+                raise ValueError(f"head_dims: {self.head_dims} picks head sizes from the backend's grid: leave "
+                                 f"rank_multiple at 1")
         return self
 
     def component_ratios(self) -> dict[str, float | None]:
@@ -153,8 +165,8 @@ class A3Stage(HeadSpaceCompression):
         ratios, explicit = self.config.component_ratios(), self.config.explicit_ranks()
         if "qk" not in self.components:
             ratios["qk"] = explicit["qk"] = None
-        self.plans = plan_ranks(graph.layers, ratios, explicit,
-                                self.config.rank_multiple, graph.uses_rope)
+        self.plans = plan_ranks(graph.layers, ratios, explicit, self.config.rank_multiple, graph.uses_rope,
+                                self.config.head_dims)
         return graph
 
     def plan(self, graph: ModelGraph, probe) -> None:
@@ -166,7 +178,8 @@ class A3Stage(HeadSpaceCompression):
             ratios["qk"] = None
         allocation = plan_global_ranks(graph, statistics, ratios, probe, self.config.rank_multiple,
                                        self.config.damping, self.config.max_shift, self.config.mix_components,
-                                       qk_norm=qk_norm_setting(graph, self.qk_norm_mode))
+                                       qk_norm=qk_norm_setting(graph, self.qk_norm_mode),
+                                       head_dims=self.config.head_dims)
         self.plans = allocation.plans
         self.metrics["sensitivity"] = allocation.sensitivity
 
@@ -175,6 +188,7 @@ class A3Stage(HeadSpaceCompression):
         self.metrics.update(a3_metrics(self.config, self.plans, self.relative_errors, compressed, self.params_before,
                                        self.kv_before))
         self.metrics.update(statistics=self.config.statistics, allocation=self.config.allocation,
+                            head_dims=self.config.head_dims,
                             calibration_tokens=self.calibration_tokens)
         return compressed
 

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 from a3q.arch import FAMILIES, decoder_layers, layer_linears
+from a3q.distributed import reduce_together
 from a3q.graph import ModelGraph
-
+from a3q.pipeline.runner import observe_layers
 
 _MOMENTS = ("g_q", "g_k", "g_v", "g_o", "mlp_x2", "q_norm_x2", "k_norm_x2")
 
@@ -51,8 +52,6 @@ class LayerStatistics:
     def reduce(self, reduce: Callable[[Tensor], Tensor]) -> None:
         """Sum the raw sums and the token count over every process with one ``reduce`` call (before :meth:`finish`;
         see :meth:`~a3q.pipeline.stage.CalibratingStage.reduce_statistics`)."""
-        from a3q.distributed import reduce_together
-
         if not self._sums and self.tokens == 0 and any(getattr(self, n) is not None for n in _MOMENTS):
             raise RuntimeError("LayerStatistics.reduce after finish(): reduce the sums, never the averages")
         names = sorted(self._sums)
@@ -124,8 +123,6 @@ def collect_statistics(
     For benchmarks and tests that sweep budgets over one set of statistics; the ``a3`` stage observes through the
     pipeline itself.
     """
-    from a3q.pipeline.runner import observe_layers
-
     stats = [LayerStatistics() for _ in graph.layers]
     observe_layers(graph, windows, lambda g, index: register_statistics_hooks(g, index, stats[index], components),
                    batch_size, progress, "A³ statistics")

@@ -18,8 +18,10 @@ from torch import Tensor, nn
 
 from a3q.arch import LAYER_PREFIX, LINEAR_PATHS, layer_linears
 from a3q.arch.surgery import as_a3_graph, redescribe, swap_module
+from a3q.distributed import reduce_together
 from a3q.graph import ModelGraph
 from a3q.modeling.a3q_factored_linear import LowRankLinear
+from a3q.pipeline.runner import observe_layers
 from a3q.pipeline.stage import CalibratingStage
 from a3q.registry import StageConfig
 
@@ -81,8 +83,6 @@ class InputStatistics:
     def reduce_all(statistics: list[InputStatistics], reduce: Callable[[Tensor], Tensor]) -> None:
         """Sum the raw sums (``mean_abs``/``second_moment`` before :meth:`finish`) and token counts of
         ``statistics`` over every process in ONE ``reduce`` call."""
-        from a3q.distributed import reduce_together
-
         if not statistics:
             return
         parts = [stats.mean_abs for stats in statistics] + [stats.second_moment for stats in statistics
@@ -130,8 +130,6 @@ def collect_input_statistics(
 ) -> list[dict[str, InputStatistics]]:
     """Every layer's input statistics from one pass of the engine's pipeline (for benchmarks and tests that sweep
     ratios over one set of statistics; the stages observe through the pipeline themselves)."""
-    from a3q.pipeline.runner import observe_layers
-
     per_layer: list[dict[str, InputStatistics]] = [{} for _ in graph.layers]
     observe_layers(graph, windows, lambda g, i: register_input_hooks(g, i, per_layer[i], second_moments),
                    batch_size, progress, "input statistics")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from a3q.calib.corpus import CORPORA, SPLITS
+from a3q.assets.corpus import CORPORA, SPLITS
 from a3q.calib.sources import TextDemand, TextSource
 from a3q.registry import MAX_SEED, StageConfig
+from a3q.stages.lora.data_parallel import batch_problem
+
+if TYPE_CHECKING:
+    from a3q.pipeline.plan import ModelShape
 
 #: a3q's short names of a decoder layer's linears (see :data:`a3q.arch.LINEAR_PATHS`)
 LinearName = Literal["q", "k", "v", "o", "gate", "up", "down"]
@@ -59,9 +63,21 @@ class LoraConfig(StageConfig):
     def data_parallel_problem(self, world: int) -> str | None:
         """Why this stage cannot train in ``world`` processes (checked before the model loads): ``batch_size`` is
         the global batch, and every process needs at least one window of it per step."""
-        from a3q.stages.lora.data_parallel import batch_problem
-
         return batch_problem(self.batch_size, world)
+
+    def memory_estimate(self, model: ModelShape, calibration_seq_len: int) -> dict[str, int]:
+        """A forward of the batch with its logits, and ``lora_training``: the adapter's weights, gradients and Adam
+        state (16 bytes per trainable parameter) plus the activations kept for the backward pass (one layer input
+        per layer with gradient checkpointing)."""
+        h, i = model.hidden, model.intermediate
+        trainable = model.layers * (self.r * (3 * h + i) * 3 + self.r * (h + i) * 4)
+        per_layer = h if self.gradient_checkpointing else 6 * h + 3 * i
+        kept = self.batch_size * self.seq_len * model.layers * per_layer * model.width
+        return {"forward_workspace": model.forward_bytes(self.batch_size, self.seq_len, logits=True),
+                "lora_training": 16 * trainable + kept}
+
+    def memory_advice(self) -> list[str]:
+        return [] if self.gradient_checkpointing else ["gradient_checkpointing: true on lora"]
 
     def keeps_adapter(self) -> bool:
         return not self.merge

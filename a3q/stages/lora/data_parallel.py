@@ -38,11 +38,11 @@ def batch_problem(batch_size: int, world: int) -> str | None:
 
 
 def rank_share(indices: torch.Tensor) -> torch.Tensor:
-    """This rank's contiguous part of one step's window indices (``torch.tensor_split``: the first ``B % N`` ranks
-    get one more). One process: all of them."""
+    """This rank's contiguous part of one step's window indices (:class:`a3q.distributed.WindowShares` in batches of
+    one window: the first ``B % N`` ranks get one more). One process: all of them."""
     if distributed.world_size() <= 1:
         return indices
-    return torch.tensor_split(indices, distributed.world_size())[distributed.rank()]
+    return indices[distributed.WindowShares(len(indices), 1, distributed.world_size()).windows_of(distributed.rank())]
 
 
 def rank_loss_scale(batch_size: int, predictions_per_window: int) -> float:

@@ -52,10 +52,10 @@ import torch
 
 from a3q import distributed
 from a3q.arch import LAYER_PREFIX, LINEAR_PATHS
-from a3q.graph import ModelGraph
-from a3q.registry import register_stage
 from a3q.arch.surgery import with_separate_linears
+from a3q.graph import ModelGraph
 from a3q.io.adapter import with_adapter
+from a3q.registry import register_stage
 from a3q.stages.lora.config import LoraConfig
 from a3q.stages.lora.data_parallel import check_adapters_identical, seed_dropout_for_rank
 from a3q.stages.lora.train import train, training_windows
@@ -79,9 +79,10 @@ def uses_bitsandbytes(model: torch.nn.Module) -> bool:
 
 def peft_lora_config(graph: ModelGraph, config: LoraConfig):
     """PEFT's LoraConfig for this stage, with a3q's custom quantized-linear types registered."""
+    # deferred: PEFT (and a3q.io.peft_modules, which imports it) takes seconds to import; only training needs it
     from peft import LoraConfig as PeftLoraConfig
 
-    from a3q.io.peft_modules import register_custom_modules
+    from a3q.io.peft_modules import register_custom_modules  # deferred: imports PEFT
 
     peft_config = PeftLoraConfig(
         r=config.r,
@@ -100,7 +101,7 @@ def add_adapter(graph: ModelGraph, config: LoraConfig):
 
     Call inside the seeded RNG context: ``lora_A`` is initialised from torch's global generator.
     """
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training  # deferred: see peft_lora_config
 
     model = graph.model
     if uses_bitsandbytes(model):
@@ -117,7 +118,7 @@ def lora(graph: ModelGraph, config: LoraConfig, context) -> ModelGraph:
     if graph.adapter is not None:
         raise ValueError("the model already carries an unmerged LoRA adapter; merge it first (merge: true)")
     graph = with_separate_linears(graph)
-    label = context.spec.label
+    label = context.label
     pool = training_windows(graph.tokenizer, config.corpus, config.split, config.seq_len,
                             config.steps * config.batch_size, config.seed)
     distributed.check_same_everywhere(pool, f"{label}: the training windows")
@@ -127,7 +128,7 @@ def lora(graph: ModelGraph, config: LoraConfig, context) -> ModelGraph:
         torch.manual_seed(config.seed)
         adapter = add_adapter(graph, config)
         if config.merge:  # fail before training, not after
-            from a3q.io.peft_modules import quantized_targets
+            from a3q.io.peft_modules import quantized_targets  # deferred: imports PEFT (see peft_lora_config)
 
             unmergeable = quantized_targets(model)
             if unmergeable:
@@ -169,10 +170,9 @@ def lora(graph: ModelGraph, config: LoraConfig, context) -> ModelGraph:
         "merged": config.merge,
     }
     if distributed.world_size() > 1:
-        metrics.update(world_size=distributed.world_size(),
-                       rank_batch=[len(part) for part in torch.arange(config.batch_size).tensor_split(
-                           distributed.world_size())],
-                       adapter_repairs=int(repaired))
+        shares = distributed.WindowShares(config.batch_size, 1, distributed.world_size())
+        metrics.update(world_size=shares.world, adapter_repairs=int(repaired),
+                       rank_batch=[len(range(config.batch_size)[shares.windows_of(rank)]) for rank in range(shares.world)])
     note = f"r={config.r} {result.steps} steps, loss {result.losses[0]:.3f}→{result.final_loss:.3f}"
     context.metrics.update(metrics, note=note + (", merged" if config.merge else ""))
     return graph

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from a3q.stages.a3.ov import ov_svd
+from tests.stages.a3.brute_force import fit_by_lbfgs
 
 TOKENS, D_MODEL, HEAD_DIM, VO_RANK = 200, 12, 6, 3
 F64 = torch.float64
@@ -61,24 +62,6 @@ def output_error(problem: OVProblem, a_v: torch.Tensor, b_o: torch.Tensor, best_
     if best_scale:
         approx = approx * (exact * approx).sum() / approx.square().sum()
     return (exact - approx).square().sum()
-
-
-def fit_by_lbfgs(loss, shapes: list[tuple[int, ...]], seed: int) -> float:
-    """Minimise ``loss`` over factors of the given shapes from a random start (float64 L-BFGS)."""
-    generator = torch.Generator().manual_seed(seed)
-    params = [(0.5 * torch.randn(shape, generator=generator, dtype=F64)).requires_grad_() for shape in shapes]
-    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=1000, history_size=50, tolerance_grad=1e-13,
-                                  tolerance_change=1e-15, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        value = loss(*params)
-        value.backward()
-        return value
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        return loss(*params).item()
 
 
 @pytest.mark.parametrize("kind", ["mha", "gqa"])

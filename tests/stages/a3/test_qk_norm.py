@@ -85,7 +85,7 @@ def test_a3_stage_on_qk_norm_families(family: str):
     r_qk weights (rescaled, so they differ from the kept dense gains), ``keep`` leaves QK whole, logits stay finite."""
     import copy
 
-    from a3q.passes import apply_stage
+    from a3q.engine import apply_stage
 
     dense, graph = _tiny_qk_norm_graph(family)
     windows = torch.randint(0, 97, (4, 20), generator=torch.Generator().manual_seed(5))
@@ -195,7 +195,7 @@ def test_global_allocation_through_the_stage_on_qk_norm_families(family: str):
     norms; each layer's norms then have that layer's q/k head dim."""
     import copy
 
-    from a3q.passes import apply_stage
+    from a3q.engine import apply_stage
 
     _, graph = _tiny_qk_norm_graph(family)
     windows = torch.randint(0, 97, (4, 20), generator=torch.Generator().manual_seed(5))

@@ -24,7 +24,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from a3q.assets.cache import cache_dir, write_json_atomic
+from a3q.assets.cache import cache_dir
+from a3q.atomic import write_json_atomic
 
 CORPORA = ("enwiki", "news")
 SPLITS = ("calib", "test", "all")

@@ -57,7 +57,7 @@ def register_auto_classes() -> None:
 
 register_auto_classes()
 
-from a3q.modeling.convert import a3_config_from_dense, a3_model_from_state_dict, to_a3_model  # noqa: E402,F401 (re-exported)
+from a3q.arch.convert import a3_config_from_dense, a3_model_from_state_dict, to_a3_model  # noqa: E402,F401 (re-exported)
 
 
 def is_a3_model(model: object) -> bool:

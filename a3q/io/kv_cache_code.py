@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from a3q.arch.auto import is_a3_model, remote_code_entry
 from a3q.cache import quantized
 
 CACHE_FILE = "a3q_kv_cache.py"
@@ -55,8 +56,6 @@ def _identifier(name: str) -> str:
 def _base_class_import(model: Any) -> tuple[str, str]:
     """``(import line, base class name)`` for the subclass, from identifiers a3q checked."""
     import transformers
-
-    from a3q.modeling.auto import is_a3_model, remote_code_entry
 
     if is_a3_model(model):  # a3q's own class, shipped as remote code next to this file
         stem, base = remote_code_entry(model.config.model_type)

@@ -1,34 +1,34 @@
-"""Write an offloaded model (:mod:`a3q.offload`) as safetensors shards, one decoder layer in memory at a time.
+"""An offloaded model's weights written as safetensors shards, one decoder layer in memory at a time.
 
 ``save_pretrained`` needs every tensor in memory; an offloaded model has one layer there at most. So the shards are
 planned from the tensors' shapes (the meta device knows them), each shard is filled by holding its layers in turn
 and written with ``safetensors.torch.save_file``, and transformers' index (``model.safetensors.index.json``) names
 the file of every tensor. Shards are cut at layer boundaries (a layer bigger than the limit gets a shard of its own),
 so a layer is read once. The names, layout and config are what ``save_pretrained`` writes, so the folder loads with
-``from_pretrained`` (and, for a3q's classes, with ``trust_remote_code``) like any other artifact.
+``from_pretrained`` like any other artifact (the export around it adds the remote code: :mod:`a3q.io.artifact`).
 
-Memory: one shard's tensors plus the layer being read. Under offload a shard is therefore capped at
-:data:`OFFLOADED_SHARD_LIMIT` whatever ``max_shard_size`` says.
+Memory: one shard's tensors plus the layer being read. A shard is therefore capped at :data:`OFFLOADED_SHARD_LIMIT`
+whatever ``max_shard_size`` says.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from safetensors.torch import save_file
 from torch import Tensor
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from a3q.arch import LAYER_PREFIX
-from a3q.io.artifact import without_input_auto_map
-from a3q.offload import hold_layer
+from a3q.graph import ModelGraph
+from a3q.layer_store.hold import hold_layer
 
 #: the most bytes of tensors one shard holds when the model is offloaded (its tensors are in memory while written)
 OFFLOADED_SHARD_LIMIT = 1 << 30
 
 
-def _plan(graph: Any, limit: int) -> list[list[tuple[int | None, list[str]]]]:
+def _plan(graph: ModelGraph, limit: int) -> list[list[tuple[int | None, list[str]]]]:
     """Shards as lists of ``(layer index or None, tensor names)``, in state-dict order, tied tensors once."""
     state = graph.model.state_dict(keep_vars=True)
     prefixes = [LAYER_PREFIX[graph.family].format(index=i) for i in range(len(graph.layers))]
@@ -55,47 +55,32 @@ def _plan(graph: Any, limit: int) -> list[list[tuple[int | None, list[str]]]]:
     return shards
 
 
-def save_offloaded_model(graph: Any, folder: Path, max_shard_size: int) -> list[str]:
+def write_offloaded_weights(graph: ModelGraph, folder: Path, max_shard_size: int) -> list[str]:
     """Write ``graph``'s offloaded model into ``folder`` (config, generation config, weights); returns the files."""
-    from a3q.modeling.auto import add_remote_code, is_a3_model
-
     model = graph.model
-    limit = min(max_shard_size, OFFLOADED_SHARD_LIMIT)
-    shards = _plan(graph, limit)
-
-    def write() -> list[str]:
-        model.config.save_pretrained(folder)
-        if model.can_generate() and getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(folder)
-        names = ["model.safetensors"] if len(shards) == 1 else [
-            f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-        weight_map: dict[str, str] = {}
-        total = 0
-        for file_name, shard in zip(names, shards):
-            tensors: dict[str, Tensor] = {}
-            for layer, keys in shard:
-                tensors.update(_read(graph, layer, keys))
-            save_file(tensors, str(folder / file_name), metadata={"format": "pt"})
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-            weight_map.update(dict.fromkeys(tensors, file_name))
-            del tensors
-        if len(names) > 1:
-            from a3q.io.shards import WEIGHTS_INDEX
-
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        return names
-
-    written: list[str] = []
-    if is_a3_model(model):
-        add_remote_code(model, folder, save=lambda: written.extend(write()))
-    else:
-        with without_input_auto_map(model.config):
-            written = write()
-    return written
+    shards = _plan(graph, min(max_shard_size, OFFLOADED_SHARD_LIMIT))
+    model.config.save_pretrained(folder)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    names = [SAFE_WEIGHTS_NAME] if len(shards) == 1 else [
+        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for file_name, shard in zip(names, shards):
+        tensors: dict[str, Tensor] = {}
+        for layer, keys in shard:
+            tensors.update(_read(graph, layer, keys))
+        save_file(tensors, str(folder / file_name), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, file_name))
+        del tensors
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names
 
 
-def _read(graph: Any, layer: int | None, keys: list[str]) -> dict[str, Tensor]:
+def _read(graph: ModelGraph, layer: int | None, keys: list[str]) -> dict[str, Tensor]:
     """The tensors ``keys`` (full names) on the CPU, holding decoder layer ``layer`` while they are taken."""
     if layer is None:
         state = graph.model.state_dict()

@@ -15,7 +15,8 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from a3q.arch import FAMILIES, adapter, supported_model_types
 from a3q.modeling.modeling_a3q_llama import rope_gather_index
 
-__all__ = ["a3_config_from_dense", "a3_model_from_state_dict", "to_a3_model", "LLAMA_FAMILY", "GPT2_FAMILY"]
+__all__ = ["a3_config_from_dense", "a3_model_from_state_dict", "fill_meta_buffers", "to_a3_model", "LLAMA_FAMILY",
+           "GPT2_FAMILY"]
 
 LLAMA_FAMILY = FAMILIES["llama"].model_types  # kept names: the model types of each family
 GPT2_FAMILY = FAMILIES["gpt2"].model_types
@@ -39,11 +40,12 @@ def a3_config_from_dense(config: PreTrainedConfig, **overrides: Any) -> PreTrain
     return new
 
 
-def _fill_meta_buffers(a3: nn.Module, device: torch.device, reference: nn.Module | None) -> None:
+def fill_meta_buffers(a3: nn.Module, device: torch.device, reference: nn.Module | None) -> None:
     """Rebuild the non-persistent buffers left on the meta device (rotary inv_freq, RoPE gather index).
 
     They are derived from the config; when a dense ``reference`` has the same buffer (e.g. a bf16-cast inv_freq) it is
-    copied instead, so a full-rank conversion reproduces the dense model bit for bit.
+    copied instead, so a full-rank conversion reproduces the dense model bit for bit. Besides the conversion here,
+    only the layer store calls it (:mod:`a3q.layer_store`: models and layers built on the meta device).
     """
     ref_buffers = dict(reference.named_buffers()) if reference is not None else {}
     for mod_name, module in a3.named_modules():
@@ -93,7 +95,7 @@ def a3_model_from_state_dict(
     if missing or unexpected:
         raise RuntimeError(f"state dict mismatch: missing={sorted(missing)} unexpected={sorted(unexpected)}")
     a3.load_state_dict({k: v.to(device) for k, v in state_dict.items()}, strict=False, assign=True)
-    _fill_meta_buffers(a3, device, reference)
+    fill_meta_buffers(a3, device, reference)
     a3.tie_weights()
     leftover = [n for n, t in list(a3.named_parameters()) + list(a3.named_buffers()) if t.is_meta]
     if leftover:
