@@ -29,6 +29,7 @@ from a3q.arch.auto import (
     to_a3_model,
 )
 from tests.remote_code import remote_code_logits
+from tests.modeling.random_weights import sharpen_llama
 
 V, D_M, H, H_KV, D, L, FF = 128, 64, 4, 2, 16, 2, 96
 G = H // H_KV
@@ -61,15 +62,7 @@ def make_dense(kind: str, seed: int = 0, attn: str = "sdpa") -> torch.nn.Module:
             "llama3": {"rope_parameters": LLAMA3_ROPE},
         }[kind]
         model = LlamaForCausalLM(LlamaConfig(**common, head_dim=D, **extra))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            elif "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(4.0)
-    return model.eval()
+    return sharpen_llama(model)
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor, **kw) -> torch.Tensor:

@@ -10,8 +10,8 @@ Run in a3q's own venv (``.venv``), in its own process, from the repository root:
 Each is a random model with head dim 64 (vLLM's CPU attention runs 64), compressed by a3q's own test helper
 (random kept RoPE pairs per layer, q/k 40 and v/o 48: both padded to 64 when served) and written with
 ``save_with_remote_code`` plus an a3q manifest (sealed, every file hashed), so the plugin's checks pass. No tokenizer:
-prompts are token ids. Weights are scaled up (as tests/modeling/test_llama.py does) so that attention is far from
-uniform and greedy choices are not near-ties.
+prompts are token ids. Weights are sharpened (tests/modeling/random_weights.py, as the modeling tests do) so that
+attention is far from uniform and greedy choices are not near-ties.
 """
 
 import json
@@ -25,6 +25,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 from a3q.io.manifest import FORMAT_VERSION, MANIFEST_NAME, file_records, seal
 from a3q.arch.auto import save_with_remote_code, to_a3_model
 from tests.arch.family_checks import compressed_and_zeroed
+from tests.modeling.random_weights import sharpen_llama
 
 SIZES = dict(vocab_size=256, hidden_size=128, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, head_dim=64, max_position_embeddings=256)
@@ -41,17 +42,7 @@ def dense(kind: str):
     else:
         model = LlamaForCausalLM(LlamaConfig(**SIZES, rope_parameters=LLAMA3_ROPE, attention_bias=True,
                                              mlp_bias=True))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            elif "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(4.0)
-            elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
-                p.mul_(20.0)
-    return model.eval()
+    return sharpen_llama(model, embedding_scale=20.0)
 
 
 def main(out: str) -> None:

@@ -25,9 +25,11 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import GemmaRMSNorm
 from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import is_pp_missing_parameter
+from vllm.model_executor.models.utils import is_pp_missing_parameter, maybe_prefix
 from vllm.platforms import current_platform
+from vllm.sequence import IntermediateTensors
 
 from a3q.serving.checks import ServeRefusal
 from a3q.serving.padding import BACKENDS, LayerPadding, describe, pad_heads, padding_plan, padding_summary
@@ -245,3 +247,29 @@ def load_a3_weights(model: nn.Module, layers: nn.ModuleList, weights: Iterable[t
             getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(name)
     return loaded
+
+
+class A3CausalLM(nn.Module):
+    """What both families' causal-LM classes share: the LM head over ``self.model`` (tied to its embeddings when the
+    config says so), logits, and the A³ weight loading. A subclass builds ``self.model`` and ``self.logits_processor``
+    (its family's scale or soft-cap)."""
+
+    def lm_head_for(self, vllm_config, prefix: str) -> nn.Module:
+        config = vllm_config.model_config.hf_config
+        head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
+                              prefix=maybe_prefix(prefix, "lm_head"))
+        return head.tie_weights(self.model.embed_tokens) if config.tie_word_embeddings else head
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor | IntermediateTensors:
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return load_a3_weights(self, self.model.layers, weights, tied=bool(self.config.tie_word_embeddings))

@@ -9,7 +9,6 @@ weights), and kept RoPE pairs gathered from each layer type's own table.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from itertools import islice
 
 import torch
@@ -19,7 +18,7 @@ from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.layernorm import GemmaRMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.models.utils import (
     extract_layer_index,
     make_empty_intermediate_tensors_factory,
@@ -29,11 +28,11 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 
 from a3q.serving.vllm.common import (
-    A3Attention,
     A3MLP,
+    A3Attention,
+    A3CausalLM,
     check_model_config,
     layer_plan,
-    load_a3_weights,
     padding_record,
     plan_and_log,
 )
@@ -118,7 +117,7 @@ class A3Gemma3Model(nn.Module):
         return hidden_states
 
 
-class A3Gemma3ForCausalLM(nn.Module):
+class A3Gemma3ForCausalLM(A3CausalLM):
     """``A3Gemma3ForCausalLM`` for vLLM (tied LM head, final-logit soft-capping)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
@@ -128,23 +127,6 @@ class A3Gemma3ForCausalLM(nn.Module):
         self.config = config
         self.a3q_padding = padding_record(vllm_config, plan_and_log(vllm_config))
         self.model = A3Gemma3Model(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
-                                      prefix=maybe_prefix(prefix, "lm_head"))
-        if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.lm_head = self.lm_head_for(vllm_config, prefix)
         self.logits_processor = LogitsProcessor(config.vocab_size, soft_cap=config.final_logit_softcapping)
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_input_ids(input_ids)
-
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor | IntermediateTensors:
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_a3_weights(self, self.model.layers, weights, tied=bool(self.config.tie_word_embeddings))

@@ -7,25 +7,21 @@ layers: per-layer q/k and v/o head dims and MLP size, kept RoPE pairs per KV gro
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.llama import LlamaModel
 from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index, maybe_prefix
-from vllm.sequence import IntermediateTensors
 
 from a3q.serving.vllm.common import (
-    A3Attention,
     A3MLP,
+    A3Attention,
+    A3CausalLM,
     check_model_config,
     layer_plan,
-    load_a3_weights,
     padding_record,
     plan_and_log,
 )
@@ -65,7 +61,7 @@ class A3LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
-class A3LlamaForCausalLM(nn.Module):
+class A3LlamaForCausalLM(A3CausalLM):
     """``A3LlamaForCausalLM`` for vLLM: LM head and logits over :class:`LlamaModel` with A³ layers."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
@@ -77,25 +73,9 @@ class A3LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"),
                                 layer_type=A3LlamaDecoderLayer)
         if get_pp_group().is_last_rank:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
-                                          prefix=maybe_prefix(prefix, "lm_head"))
-            if config.tie_word_embeddings:
-                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+            self.lm_head = self.lm_head_for(vllm_config, prefix)
             self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
         else:
             self.lm_head = PPMissingLayer()
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
 
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_input_ids(input_ids)
-
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | IntermediateTensors:
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_a3_weights(self, self.model.layers, weights, tied=bool(self.config.tie_word_embeddings))
