@@ -14,7 +14,7 @@ export A3Q_CACHE_DIR ?= $(CURDIR)/.cache
 export TOKENIZERS_PARALLELISM := false
 PIP := $(BIN)/pip --quiet --disable-pip-version-check
 
-.PHONY: setup demo test clean gptqmodel-venv bench-gptq
+.PHONY: setup demo test clean gptqmodel-venv bench-gptq llmcompressor-venv bench-gptq-peers
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,30 @@ $(GPTQ_STAMP):
 	touch $(GPTQ_STAMP)
 
 gptqmodel-venv: $(GPTQ_STAMP)
+
+# A separate venv for llm-compressor (benchmarks/gptq_peers.py runs benchmarks/llmcompressor_side.py in it).
+# llmcompressor 0.14.0.1 pins transformers >=5.15,<=5.17 (a3q pins 5.23), so it cannot share a3q's venv; the set
+# below resolves (checked 2026-12-07): torch 2.13.0 CPU, transformers 5.17.0, compressed-tensors 0.19.0,
+# accelerate 1.16.0, datasets 5.2.0, numpy 2.4.6 (it also pulls auto-round 0.15.1). torch is pinned on every pip
+# line (an unpinned one is a multi-GB CUDA build). About 1 minute and 1.5 GB.
+LLMC_VENV := .venv-llmcompressor
+LLMC_STAMP := $(LLMC_VENV)/.installed
+LLMC_PIP := $(LLMC_VENV)/bin/pip --quiet --disable-pip-version-check
+
+$(LLMC_STAMP):
+	test -x $(LLMC_VENV)/bin/python || $(PYTHON) -m venv $(LLMC_VENV)
+	$(LLMC_PIP) install torch==2.13.0 2>&1 | sed '/is ignored/d'
+	$(LLMC_PIP) install torch==2.13.0 llmcompressor==0.14.0.1 transformers==5.17.0 safetensors==0.8.0 \
+		compressed-tensors==0.19.0 2>&1 | sed '/is ignored/d'
+	$(LLMC_VENV)/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0') and torch.version.cuda is None, torch.__version__"
+	cd $$(mktemp -d) && $(CURDIR)/$(LLMC_VENV)/bin/python -c "import llmcompressor, compressed_tensors, transformers, datasets"
+	touch $(LLMC_STAMP)
+
+llmcompressor-venv: $(LLMC_STAMP)
+
+# a3q's GPTQ against llm-compressor on SmolLM2 (4 bit, group 64, seeds 0 1 2): time and perplexity on enwiki and news
+bench-gptq-peers: setup llmcompressor-venv
+	$(BIN)/python benchmarks/gptq_peers.py --threads 1 --a3q-settings default aga+mse+damp0.05 static+damp0.01 --json out/bench/gptq_peers.json
 
 # a3q's GPTQ against GPTQModel on SmolLM2 (4 bit, group 64): time, perplexity, and a3q's export loaded by transformers
 bench-gptq: setup gptqmodel-venv

@@ -220,6 +220,9 @@ def parse_recipe(raw: Any, check_model: bool = True) -> Recipe:
         reason = check_model_reference(header.model, header.revision)
         if reason:
             problems.append(f"model: {reason}")
+        else:
+            problems.extend(f"{spec.label}: {problem}" for spec in stages
+                            for problem in spec.config.model_problems(header.model, header.revision))
     if header is not None and check_model and not any(p.startswith("device:") for p in problems):
         reason = device_problem(header.device)
         if reason:

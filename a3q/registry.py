@@ -104,6 +104,12 @@ class StageConfig(BaseModel):
         """Whether this stage leaves an unmerged adapter on the model (later stages must not rewrite its linears)."""
         return False
 
+    def model_problems(self, model: str, revision: str | None) -> list[str]:
+        """Problems of this stage with the recipe's ``model`` (at ``revision``), found without loading it (e.g. from
+        its config.json); recipe validation calls this once the model reference itself is known to be good and
+        prefixes each problem with the stage's label."""
+        return []
+
     def check_in_recipe(self, earlier: list[Any]) -> list[str]:
         """Problems with this stage given the stages before it (``StageSpec`` list).
 

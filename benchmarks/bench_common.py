@@ -171,6 +171,18 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
+def wait_for_quiet(console: Any = None) -> None:
+    """Block while the shared machine's quiet flag exists (``$A3Q_QUIET_FILE``, default ``/tmp/a3q-quiet``): another
+    session is timing something, and a timing taken beside it would have to be repeated."""
+    import time
+
+    flag = Path(os.environ.get("A3Q_QUIET_FILE", "/tmp/a3q-quiet"))
+    if flag.exists() and console is not None:
+        console.log(f"waiting while {flag} exists")
+    while flag.exists():
+        time.sleep(15)
+
+
 def finish(
     benchmark: str, machine: str, args: Any, rows: list[dict[str, Any]], notes: list[str], render: Any
 ) -> dict[str, Any]:

@@ -1,6 +1,14 @@
-"""Healing compressed SmolLM2 with LoRA: enwiki/test perplexity before and after, on float, nf4 and GPTQ bases.
+"""Healing compressed SmolLM2 with LoRA: enwiki/test perplexity before and after, on float, nf4 and GPTQ bases;
+with ``--distill``, the ``lm``, ``kd`` and ``kd+lm`` losses compared on one A³ model.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lora_heal.py --threads 1 --json out/bench/lora.json
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lora_heal.py --distill --threads 1 --json out/bench/lora-kd.json
+
+``--distill`` (:mod:`lora_distill`): dense SmolLM2 is loaded once (it is also the teacher, ``teacher: input``), A³
+``--ratio`` (the stage's defaults: global allocation) is computed once, and each loss trains a copy for the same
+steps and windows; a dense model + LoRA ``lm`` is the control. Perplexity on held-out Wikipedia (enwiki/test) and on
+``news`` (a domain nobody trains on); teacher-cache time and size, seconds per step. It also measures, for the
+choice of ``teacher_top_k``, how much of the full-vocabulary KL the top-k buckets keep.
 
 Each row is a recipe run by the engine: A³ (uniform ``--ratio``) → [bnb nf4 | gptq 4-bit g64] → evaluate → lora
 (r=8, alpha 16, lr 1e-3, every decoder linear, ``--steps`` steps of one ``--seq-len``-token window of enwiki/calib),
@@ -60,16 +68,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bases", nargs="+", default=list(BASES), choices=list(BASES))
     parser.add_argument("--ratio", type=float, default=0.2)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=None, help="default 300 (--distill: 60)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--calib-windows", type=int, default=32)
-    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--eval-windows", type=int, default=None, help="default 40 (--distill: 12)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("out/bench/lora-runs"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--distill", action="store_true", help="compare lm, kd and kd+lm (see the docstring)")
+    parser.add_argument("--top-k", type=int, default=64, help="--distill: teacher_top_k of the kd rows")
+    parser.add_argument("--distill-layers", type=int, nargs="+", default=None,
+                        help="--distill: add a kd row that also matches these layers' hidden states")
+    parser.add_argument("--distill-weight", type=float, default=1.0, help="--distill: weight of that MSE")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.distill:
+        from lora_distill import run_distill  # noqa: PLC0415 (only this mode needs it)
+
+        run_distill(args)
+        return
+    args.steps, args.eval_windows = args.steps or 300, args.eval_windows or 40
     info = machine_info("cpu")
     rows = []
     for base in args.bases:

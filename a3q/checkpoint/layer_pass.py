@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from a3q import distributed
-from a3q.checkpoint.fields import LAYER_LISTS
+from a3q.checkpoint.fields import LAYER_LISTS, CheckpointError
 from a3q.checkpoint.ranks import agree, gather_batches
 from a3q.checkpoint.state import join_tensors, map_tensors, rng_state, set_rng_state, split_tensors
-from a3q.checkpoint.store import CheckpointError, disk_full_refused, file_record, read_tensors, write_tensors
+from a3q.checkpoint.tensor_files import disk_full_refused, file_record, read_tensors, write_tensors
 from a3q.layer_store.layer_file import layer_bytes, restore_finished_layer, save_finished_layer
 
 if TYPE_CHECKING:

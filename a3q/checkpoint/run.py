@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from a3q import distributed
 from a3q.checkpoint.consistency import Expected, check_against, check_model_config, check_state_tensors
+from a3q.checkpoint.fields import MODEL_FOLDER, PASS_FOLDER, CheckpointError
+from a3q.checkpoint.identity import model_fingerprint, recipe_differences, recipe_identity
 from a3q.checkpoint.layer_pass import PassCheckpoint
 from a3q.checkpoint.ranks import agree
 from a3q.checkpoint.stops import StopSignals
-from a3q.checkpoint.store import (MARKER_NAME, MODEL_FOLDER, PASS_FOLDER, CheckpointError, CheckpointFolder,
-                                  file_record, is_sealed, model_fingerprint, recipe_differences, recipe_identity)
+from a3q.checkpoint.store import MARKER_NAME, CheckpointFolder, is_sealed
+from a3q.checkpoint.tensor_files import file_record
 from a3q.io.artifact import save_artifact
 from a3q.io.manifest import MANIFEST_NAME, read_manifest
 

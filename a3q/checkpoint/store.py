@@ -30,105 +30,27 @@ not read to start a run).
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import re
 import shutil
 import stat
-import struct
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
-from torch import Tensor
-
 from a3q import __version__
 from a3q.atomic import STAGING_MARKER, write_json_atomic
-from a3q.checkpoint.fields import MODEL_FOLDER, PASS_FOLDER, RESTART, CheckpointError, check_fields, name_problem, short  # noqa: F401
+from a3q.checkpoint.fields import MODEL_FOLDER, PASS_FOLDER, RESTART, CheckpointError, check_fields, name_problem, short
 from a3q.io.manifest import MANIFEST_NAME as ARTIFACT_MANIFEST
 from a3q.io.manifest import SEAL_KEY, ArtifactError, read_manifest, seal, sha256_file, verify_artifact
-from a3q.layer_store.layer_file import save_tensors_atomically
 
 #: 2: every file's size and SHA-256 (the model folder's files too), a sealed manifest (``manifest_sha256``), every
 #: field present. 1 (sizes only, unsealed) is refused.
 FORMAT_VERSION = 2
 MANIFEST_NAME = "checkpoint.json"
 MARKER_NAME = ".a3q-checkpoint"
-#: recipe fields that may change between a run and its resume
-RESUMABLE_CHANGES = ("output", "checkpoint_every", "checkpoint_minutes")
 _MAX_MANIFEST_BYTES = 256 << 20
-
-
-def recipe_identity(raw: dict[str, Any]) -> dict[str, Any]:
-    """The recipe as a checkpoint must match it."""
-    return {key: value for key, value in raw.items() if key not in RESUMABLE_CHANGES}
-
-
-def model_fingerprint(folder: Path) -> str:
-    """SHA-256 over config.json and each weight file's name, size and safetensors header."""
-    digest = hashlib.sha256()
-    config = folder / "config.json"
-    digest.update(config.read_bytes() if config.is_file() else b"")
-    for path in sorted(folder.glob("*.safetensors")):
-        digest.update(path.name.encode() + struct.pack("<Q", path.stat().st_size))
-        with path.open("rb") as handle:
-            length = struct.unpack("<Q", handle.read(8) or b"\0" * 8)[0]
-            digest.update(handle.read(min(length, 1 << 26)))
-    return digest.hexdigest()
-
-
-def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Where two recipe identities differ, by field (stages by index and field)."""
-    problems = []
-    for key in sorted(set(saved) | set(current), key=str):
-        before, after = saved.get(key), current.get(key)
-        if before == after:
-            continue
-        if key == "stages" and isinstance(before, list) and isinstance(after, list):
-            for index in range(max(len(before), len(after))):
-                old = before[index] if index < len(before) else None
-                new = after[index] if index < len(after) else None
-                if old != new:
-                    problems.append(f"stages[{index}]: {short(old)} → {short(new)}")
-        else:
-            problems.append(f"{key}: {short(before)} → {short(after)}")
-    return problems
-
-
-def write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> dict[str, Any]:
-    """Write ``tensors`` as safetensors at ``path`` through a temporary sibling; returns the file's manifest record
-    (:func:`file_record`)."""
-    with disk_full_refused(path, lambda: sum(t.numel() * t.element_size() for t in tensors.values())):
-        save_tensors_atomically(path, tensors, metadata)
-    return file_record(path)
-
-
-@contextmanager
-def disk_full_refused(path: Path, needed: Callable[[], int]) -> Iterator[None]:
-    """A full disk while ``path`` is written becomes a :class:`CheckpointError` that says how much was needed (about
-    ``needed()`` bytes) and how much is free (the writer removed its temporary file)."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            free = shutil.disk_usage(path.parent).free
-            raise CheckpointError(
-                f"disk full while writing checkpoint file '{path}' (needs about {needed():,} bytes, {free:,} free); "
-                "the previous checkpoint is intact: free space and resume with --resume") from exc
-        raise
-
-
-def read_tensors(path: Path) -> dict[str, Tensor]:
-    return load_file(str(path))
-
-
-def file_record(path: Path) -> dict[str, Any]:
-    """A file's manifest record: ``{"bytes", "sha256"}``, as in an artifact's ``a3q.json``."""
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def is_sealed(manifest: Any) -> bool:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from a3q.arch import supported_model_types
+from a3q.assets.cache import cache_dir
 from a3q.assets.models import MODEL_ALIASES, HubModelError, looks_like_hub_id, resolve_hub_model
 from a3q.io.json_file import JSONFileError, read_json_file
 from a3q.io.manifest import ArtifactError, read_manifest, verify_artifact
@@ -217,3 +218,33 @@ def check_model_reference(model: str, revision: str | None = None) -> str | None
         return model_folder_problem(folder)
     except OSError as exc:  # a name too long for the file system, a folder we may not read, ...
         return f"'{model[:200]}': {exc.strerror or exc}"
+
+
+def config_json(reference: str, revision: str | None = None) -> dict | None:
+    """A model reference's ``config.json`` without loading (or preparing) anything; None when it is not on disk."""
+    try:
+        if reference in MODEL_ALIASES:
+            folder = cache_dir() / "models" / reference  # a bundled model not prepared yet: nothing to read
+        elif looks_like_hub_id(reference):
+            folder = resolve_hub_model(reference, revision)
+        else:
+            folder = Path(reference).expanduser()
+        config = read_json_file(folder / "config.json", MAX_CONFIG_BYTES)
+    except (OSError, JSONFileError, RuntimeError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def text_field(config: dict | None, name: str) -> int | None:
+    """An integer field of a config.json (top level, or its ``text_config`` for multimodal wrappers)."""
+    if not config:
+        return None
+    for place in (config, config.get("text_config") or {}):
+        if isinstance(place, dict) and isinstance(place.get(name), int) and not isinstance(place.get(name), bool):
+            return place[name]
+    return None
+
+
+def vocab_size(config: dict | None) -> int | None:
+    """The vocabulary a config.json declares."""
+    return text_field(config, "vocab_size")

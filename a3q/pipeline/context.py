@@ -33,6 +33,10 @@ class StageContext:
     output_dir: Path = Path(".")
     #: what the stage reports: its report row's fields
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: the recipe's ``model`` and ``revision``: the model as loaded before any stage (a distilling ``lora`` loads
+    #: it again as its teacher); None outside a recipe
+    model: str | None = None
+    revision: str | None = None
 
     @classmethod
     def of(cls, recipe: Recipe, spec: StageSpec, output_dir: Path = Path("."),
@@ -40,4 +44,4 @@ class StageContext:
         """The context of ``spec`` in ``recipe`` (the engine passes its output folder and its report's rows)."""
         return cls(label=spec.label, dtype=recipe.dtype, earlier=tuple(recipe.stages[: spec.index]),
                    recipe_raw=recipe.raw, report_rows=report_rows if report_rows is not None else [],
-                   output_dir=output_dir)
+                   output_dir=output_dir, model=recipe.model, revision=recipe.revision)

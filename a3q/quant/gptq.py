@@ -17,7 +17,13 @@ when its first column is quantized. A last group shorter than ``group_size`` is 
   so ``g_idx[i] = i // group_size`` and the checkpoint is an ordinary (desc_act = false) GPTQ v1 checkpoint; only
   the order in which GPTQ visits the columns changes: groups by decreasing ``max diag H`` of their members, and
   inside each group columns by decreasing ``diag H``. The important columns are quantized while the most columns
-  are still free to absorb their error, as with act-order, at no cost in format.
+  are still free to absorb their error, as with act-order, at no cost in format;
+* ``act_order: "static"`` (llm-compressor's default ``actorder: static``/``weight``, GPTQModel's ``static_groups``):
+  columns by decreasing ``diag H`` across the whole row, as desc_act, but the groups stay the contiguous input
+  ranges (``g_idx[i] = i // group_size``: a plain desc_act = false checkpoint) and their scale and zero are fixed
+  *before* GPTQ runs, from the original weights, since a group's members are now visited far apart (a group's
+  parameters cannot wait for its error-corrected values). The lazy-batch blocks are then plain ``block_size``
+  strides.
 
 Inputs that never fire (zero rows of H) get weight 0 and, in H, the live inputs' mean diagonal, so the codes do
 not depend on H's scale. ``relative_error`` is the layer-wise objective in the H-weighted norm, ``‖(W − Q) H^{1/2}‖² / ‖W H^{1/2}‖²`` on the
@@ -35,6 +41,11 @@ import torch
 from torch import Tensor
 
 from a3q.distributed import reduce_together
+from a3q.quant.gptq_grid import group_parameters, quantize_columns
+from a3q.quant.gptq_order import ActOrder, blocks, check_act_order, processing_order, segments
+
+__all__ = ["HessianAccumulator", "HessianNotPositiveDefinite", "QuantizedWeight", "damped_inverse_factor",
+           "group_parameters", "gptq_quantize", "processing_order", "quantize_columns", "weighted_relative_error"]
 
 
 class HessianAccumulator:
@@ -50,26 +61,41 @@ class HessianAccumulator:
     per batch (a float32 input has 24 mantissa bits, so each term ``x_i x_j`` is exact in float64; only the sum rounds).
     """
 
+    #: columns per block of the upper-triangular block product (see :meth:`add`)
+    BLOCK = 256
+
     def __init__(self, in_features: int) -> None:
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.tokens = 0
 
     def add(self, inputs: Tensor) -> None:
+        """Add ``Xᵀ X`` of this batch. Only the blocks on and above the block diagonal are computed (``X[:, i]ᵀ
+        X[:, i:]`` per block row: 40% less float64 work for a 1536-input down_proj); :meth:`hessian` mirrors them.
+        Each entry is still one dot product over the batch's tokens, so the sum is the full product's (bit for bit
+        with the GEMMs measured here; the tests hold it to float64 rounding)."""
         flat = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float64)
         if self.sum.device != flat.device:  # accumulate where the inputs are (the model's device)
             self.sum = self.sum.to(flat.device)
         # the batch's product first, then one addition: two processes' reduced sums then equal one process's sum
         # when the batches are the same (``sum += P0``, ``sum += P1`` vs ``P0 + P1``); an in-place addmm would not
-        self.sum += flat.t() @ flat
+        n = flat.shape[1]
+        for start in range(0, n, self.BLOCK):
+            self.sum[start : start + self.BLOCK, start:] += flat[:, start : start + self.BLOCK].t() @ flat[:, start:]
         self.tokens += flat.shape[0]
 
+    def _mirrored(self, upper: Tensor) -> Tensor:
+        """``upper`` (block-upper sums) made symmetric in place: each block below the diagonal from its mirror."""
+        for start in range(self.BLOCK, upper.shape[0], self.BLOCK):
+            upper[start:, start - self.BLOCK : start] = upper[start - self.BLOCK : start, start:].t()
+        return upper
+
     def hessian(self) -> Tensor:
-        return 2 * self.sum / max(self.tokens, 1)
+        return 2 * self._mirrored(self.sum.clone()) / max(self.tokens, 1)
 
     def take_hessian(self) -> Tensor:
         """:meth:`hessian`, bit for bit, computed in the accumulator's own memory (no ``in × in`` copy: 6 GiB in
         float64 for a 70B model's down_proj); the accumulator is spent afterwards."""
-        hessian, self.sum = self.sum, None
+        hessian, self.sum = self._mirrored(self.sum), None
         return hessian.mul_(2).div_(max(self.tokens, 1))
 
     @staticmethod
@@ -101,83 +127,6 @@ class QuantizedWeight:
 
 class HessianNotPositiveDefinite(ValueError):
     """The damped Hessian could not be factorised (``damp_auto`` off, or even damping 1.0 failed)."""
-
-
-def group_parameters(columns: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
-    """Scale (fp16-representable) and integer zero point per row for the given ``[out, k]`` columns.
-
-    The range always includes 0 (so a zero weight stays exact). Zero points are kept ≥ 1 because the GPTQ v1
-    layout stores them minus one.
-    """
-    maxq = 2**bits - 1
-    low = columns.min(dim=1).values.clamp(max=0)
-    high = columns.max(dim=1).values.clamp(min=0)
-    if sym:
-        high = torch.maximum(low.abs(), high)
-        low = -high
-    empty = (low == 0) & (high == 0)
-    low, high = torch.where(empty, -1.0, low), torch.where(empty, 1.0, high)
-    scale = ((high - low) / maxq).to(torch.float16).to(columns.dtype)
-    scale = torch.where(scale == 0, torch.finfo(torch.float16).tiny, scale)
-    if sym:
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        zero = torch.round(-low / scale).clamp(1, maxq)
-    return scale, zero
-
-
-def quantize_columns(columns: Tensor, scale: Tensor, zero: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Codes and dequantised values of ``columns [out, k]`` under per-row ``scale``/``zero``."""
-    codes = torch.clamp(torch.round(columns / scale[:, None]) + zero[:, None], 0, 2**bits - 1)
-    return codes, scale[:, None] * (codes - zero[:, None])
-
-
-def processing_order(diagonal: Tensor, group_size: int, act_order: bool = False,
-                     act_group_aware: bool = False) -> tuple[Tensor, Tensor]:
-    """``order`` (position → original input) and ``groups`` (position → group id) of the columns GPTQ visits.
-
-    See the module docstring. With ``group_size <= 0`` everything is group 0.
-    """
-    if act_order and act_group_aware:
-        raise ValueError("act_order and act_group_aware are exclusive (act_group_aware keeps groups contiguous)")
-    n = diagonal.shape[0]
-    group = group_size if group_size > 0 else n
-    if act_group_aware and group_size > 0:
-        starts = list(range(0, n, group))
-        local = [start + torch.argsort(diagonal[start : start + group], descending=True, stable=True) for start in starts]
-        metric = torch.stack([diagonal[start : start + group].max() for start in starts])
-        visit = torch.argsort(metric, descending=True, stable=True).tolist()
-        order = torch.cat([local[g] for g in visit])
-        groups = torch.cat([torch.full((local[g].shape[0],), g, dtype=torch.long, device=diagonal.device)
-                            for g in visit])
-        return order, groups
-    if act_order:
-        order = torch.argsort(diagonal, descending=True, stable=True)
-    else:
-        order = torch.arange(n, device=diagonal.device)
-    return order, torch.arange(n, device=diagonal.device) // group
-
-
-def _segments(groups: Tensor) -> list[tuple[int, int, int]]:
-    """Maximal runs ``(start, end, group id)`` of equal group ids along the processing order."""
-    changes = (torch.nonzero(groups[1:] != groups[:-1]).flatten() + 1).tolist()
-    bounds = [0, *changes, groups.shape[0]]
-    return [(a, b, int(groups[a])) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def _blocks(segments: list[tuple[int, int, int]], n: int, block_size: int, grouped: bool) -> list[tuple[int, int]]:
-    """Lazy-batch blocks: whole groups (so a group's parameters come from up-to-date columns), ≤ block_size
-    columns unless one group is larger, in which case the block is that group."""
-    if not grouped:
-        return [(start, min(start + block_size, n)) for start in range(0, n, block_size)]
-    blocks, start, end = [], 0, 0
-    for a, b, _ in segments:
-        if end > start and b - start > block_size:
-            blocks.append((start, end))
-            start = a
-        end = b
-    blocks.append((start, end))
-    return blocks
 
 
 def damped_inverse_factor(make_hessian: Callable[[], Tensor], damp_percent: float,
@@ -215,10 +164,12 @@ def damped_inverse_factor(make_hessian: Callable[[], Tensor], damp_percent: floa
 @torch.no_grad()
 def gptq_quantize(
     weight: Tensor, hessian: Tensor, bits: int, group_size: int = -1, sym: bool = True,
-    act_order: bool = False, damp_percent: float = 0.01, block_size: int = 128,
-    act_group_aware: bool = False, damp_auto: bool = False,
+    act_order: ActOrder = False, damp_percent: float = 0.01, block_size: int = 128,
+    act_group_aware: bool = False, damp_auto: bool = False, mse: bool = False,
 ) -> QuantizedWeight:
-    """Quantize ``weight [out, in]`` given its input Hessian ``[in, in]``; see the module docstring."""
+    """Quantize ``weight [out, in]`` given its input Hessian ``[in, in]``; see the module docstring. ``mse``: each
+    group's clipping range is searched (:func:`a3q.quant.gptq_grid.group_parameters`) instead of min/max."""
+    check_act_order(act_order)
     out_features, in_features = weight.shape
     grouped = group_size > 0
     # float32 work (float64 for float64 input, as the brute-force tests use); the Hessian is inverted in float64.
@@ -233,6 +184,7 @@ def gptq_quantize(
     live = diagonal[~dead]
     fill = float(live.mean()) if live.numel() else 1.0
     Wt[dead] = 0
+    original = Wt if act_order == "static" and grouped else None  # static groups' parameters come from it
     order, groups = processing_order(diagonal.masked_fill(dead, fill), group_size, act_order, act_group_aware)
     Wt = Wt[order]
     dead_in_order = dead[order]
@@ -246,61 +198,83 @@ def gptq_quantize(
     H_inv, damp_used = damped_inverse_factor(ordered_hessian, damp_percent, damp_auto)
     H_inv = H_inv.to(work)
 
-    segments = _segments(groups)
-    group_end = {a: (b, g) for a, b, g in segments}
+    runs = segments(groups)
+    group_end = {a: (b, g) for a, b, g in runs}
     codes = torch.zeros_like(Wt)
-    Qt = torch.zeros_like(Wt)
     count = int(groups.max()) + 1
     scales = torch.zeros(count, out_features, dtype=work, device=Wt.device)
     zeros = torch.zeros(count, out_features, dtype=work, device=Wt.device)
     group_of = groups.tolist()  # read per column below: a host list, no device sync per column
+    fixed = not grouped or act_order == "static"  # parameters known before the first column
     if not grouped:  # one group: its parameters come from the whole (uncorrected) row, as in the paper
-        scales[0], zeros[0] = group_parameters(Wt.t(), bits, sym)
-    for start, end in _blocks(segments, in_features, block_size, grouped):
+        scales[0], zeros[0] = group_parameters(Wt.t(), bits, sym, mse)
+    elif fixed:  # static groups: each contiguous group's parameters from its original (uncorrected) weights
+        for g, first in enumerate(range(0, in_features, group_size)):
+            scales[g], zeros[g] = group_parameters(original[first : first + group_size].t(), bits, sym, mse)
+    del original
+    # the rank-1 updates dominate the loop for wide layers (gate/up: 3072 rows): the product goes into one buffer
+    # instead of a fresh tensor per column, and the column just quantized is not updated (nothing reads it again);
+    # every value that is read is computed exactly as before, so the codes are the same bit for bit
+    buffer = torch.empty(max((end - start for start, end in blocks(runs, in_features, block_size, not fixed)),
+                             default=1), out_features, dtype=work, device=Wt.device)
+    for start, end in blocks(runs, in_features, block_size, whole_groups=not fixed):
         block, block_inv = Wt[start:end].clone(), H_inv[start:end, start:end]
         errors = torch.zeros_like(block)
-        for i in range(end - start):
+        width = end - start
+        for i in range(width):
             column = start + i
             g = group_of[column]
-            if grouped and column in group_end:
+            if not fixed and column in group_end:
                 stop = group_end[column][0] - start
-                scales[g], zeros[g] = group_parameters(block[i:stop].t(), bits, sym)
+                scales[g], zeros[g] = group_parameters(block[i:stop].t(), bits, sym, mse)
             code, value = quantize_columns(block[i : i + 1].t(), scales[g], zeros[g], bits)
-            codes[column], Qt[column] = code[:, 0], value[:, 0]
+            codes[column] = code[:, 0]
             error = (block[i] - value[:, 0]) / block_inv[i, i]
-            block[i:] -= block_inv[i, i:, None] * error[None, :]
+            if i + 1 < width:
+                update = torch.mul(block_inv[i, i + 1 :, None], error[None, :], out=buffer[: width - i - 1])
+                block[i + 1 :] -= update
             errors[i] = error
-        Wt[end:] -= H_inv[start:end, end:].t() @ errors
+        lazy_update(Wt, H_inv, start, end, errors)
 
     inverse = torch.argsort(order)
     del Wt, H_inv
-    codes = codes.t()[:, inverse].to(torch.int32)
-    dequantized = Qt.t()[:, inverse]
-    del Qt
+    codes = codes.t()[:, inverse]
+    g_idx = groups[inverse]
+    # the values the loop quantized to, rebuilt from the codes by the same arithmetic (bit for bit)
+    dequantized = scales[g_idx].t() * (codes - zeros[g_idx].t())
     return QuantizedWeight(
-        codes=codes,
+        codes=codes.to(torch.int32),
         scales=scales.to(torch.float16),
         zeros=zeros.to(torch.int32),
-        g_idx=groups[inverse].to(torch.int32),
+        g_idx=g_idx.to(torch.int32),
         relative_error=weighted_relative_error(weight.detach(), dequantized, H_measured),
         damp_percent=damp_used,
     )
+
+
+def lazy_update(Wt: Tensor, H_inv: Tensor, start: int, end: int, errors: Tensor) -> None:
+    """After block ``[start, end)``: push its scaled errors onto every later column in one product (the lazy batch)."""
+    Wt[end:] -= H_inv[start:end, end:].t() @ errors
 
 
 def weighted_relative_error(weight: Tensor, dequantized: Tensor, hessian: Tensor, rows: int = 1024) -> float:
     """``tr((W − Q) H (W − Q)ᵀ) / tr(W H Wᵀ)``: GPTQ's objective relative to quantizing everything to zero.
 
     Pass the undamped Hessian: inputs that are always zero (zero rows/columns of H) then count for nothing.
-    NaN if anything is non-finite (never hidden). Computed in float64, ``rows`` output rows at a time, so it never
-    holds a float64 copy of the whole weight.
+    NaN if anything is non-finite (never hidden). ``rows`` output rows at a time, so it never holds a float64 copy of
+    the whole weight. The products run in the weight's precision (float32 unless the weight is float64), the sums in
+    float64: the figure is reported, never used to choose codes, and 6 digits are plenty, while float64 products
+    took as long as all of GPTQ's column loop (an ``out × in × in`` product per linear).
     """
+    work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    hessian = hessian.to(work)
     residual = torch.zeros((), dtype=torch.float64, device=hessian.device)
     reference = torch.zeros((), dtype=torch.float64, device=hessian.device)
     for start in range(0, weight.shape[0], rows):
-        original = weight[start : start + rows].to(torch.float64)
-        difference = original - dequantized[start : start + rows].to(torch.float64)
-        residual += ((difference @ hessian) * difference).sum()
-        reference += ((original @ hessian) * original).sum()
+        original = weight[start : start + rows].to(work)
+        difference = original - dequantized[start : start + rows].to(work)
+        residual += ((difference @ hessian) * difference).sum(dtype=torch.float64)
+        reference += ((original @ hessian) * original).sum(dtype=torch.float64)
     if not bool(torch.isfinite(residual)) or not bool(torch.isfinite(reference)):
         return math.nan
     return float(residual / reference.clamp_min(1e-300)) if float(reference) > 0 else (0.0 if float(residual) == 0 else math.inf)

@@ -5,10 +5,13 @@
   bits: 4              # 2, 3, 4 or 8
   group_size: 128      # -1: one group per row; a last, partial group is fine (A³ leaves e.g. 459 inputs)
   sym: true            # symmetric grid (zero point in the middle) or asymmetric
-  act_order: false     # quantize columns by decreasing Hessian diagonal (g_idx records the groups)
+  act_order: false     # true: quantize columns by decreasing Hessian diagonal, groups in that order (desc_act,
+                       # g_idx records them); "static": the same visiting order, but the groups stay contiguous
+                       # with scales fixed from the original weights (llm-compressor's default; plain v1 checkpoint)
   act_group_aware: true   # GAR: visit groups by decreasing max diag H, columns inside by diag H; groups stay
                           # contiguous, so the checkpoint stays plain v1 (desc_act false); exclusive with act_order
                           # (act_order: true alone turns it off)
+  mse: false          # search each group's clipping range (factors 1.00…0.80 of min/max) for the least error
   damp_percent: 0.05   # λ = damp_percent · mean(diag H) added to H
   damp_auto: false     # double the damping until the Cholesky succeeds (the values used are reported)
   true_sequential: false  # inside a layer: q/k/v, then o, then gate/up, then down, each group's Hessian taken
@@ -44,6 +47,7 @@ from a3q.arch.surgery import swap_module, with_separate_linears
 from a3q.graph import ModelGraph
 from a3q.pipeline.stage import CalibratingStage, StopLayer
 from a3q.quant.gptq import HessianAccumulator, gptq_quantize
+from a3q.quant.gptq_order import ActOrder
 from a3q.quant.gptq_linear import SUPPORTED_BITS, GPTQLinear
 from a3q.quant.gptq_linear import describe as describe_storage
 from a3q.registry import StageConfig, register_stage
@@ -63,10 +67,11 @@ class GPTQConfig(StageConfig):
     bits: int = 4
     group_size: int = 128
     sym: bool = True
-    act_order: bool = False
+    act_order: ActOrder = False
     act_group_aware: bool = True
     damp_percent: float = Field(0.05, gt=0.0, lt=1.0)
     damp_auto: bool = False
+    mse: bool = False
     true_sequential: bool = False
     block_size: int = Field(128, ge=1)
     batch_size: int = Field(4, ge=1)
@@ -76,7 +81,7 @@ class GPTQConfig(StageConfig):
     @classmethod
     def _act_order_alone(cls, data):  # noqa: ANN001, ANN206 (pydantic hands the raw fields)
         """``act_order: true`` alone means act-order: the default act-group-aware visiting then steps aside."""
-        if isinstance(data, dict) and data.get("act_order") is True and "act_group_aware" not in data:
+        if isinstance(data, dict) and data.get("act_order") in (True, "static") and "act_group_aware" not in data:
             data = {**data, "act_group_aware": False}
         return data
 
@@ -163,11 +168,15 @@ class GPTQStage(CalibratingStage):
             first = next(iter(group.values()))
             self.hessians[key] = HessianAccumulator(first.in_features)
 
-            def hook(module, args, key=key):
+            def hook(module, args, key=key, count=len(groups)):
                 if key not in self.forward_order:
                     self.forward_order.append(key)
                 if not sequential or self.forward_order[0] == key:  # true-sequential: later groups are re-measured
                     self.hessians[key].add(args[0])
+                if len(self.forward_order) == count and key == self.forward_order[-1]:
+                    # every group has its input: the rest of the layer (down_proj's product, the residual) would
+                    # only make an output the sequential stream never reads (issue 32: ~20% of this forward)
+                    raise StopLayer
 
             handles.append(first.register_forward_pre_hook(hook))
         return handles
@@ -209,7 +218,7 @@ class GPTQStage(CalibratingStage):
         stacked = torch.cat([module.weight for module in group.values()])
         result = gptq_quantize(stacked, accumulator.take_hessian(), cfg.bits, cfg.group_size, cfg.sym, cfg.act_order,
                                cfg.damp_percent, cfg.block_size, act_group_aware=cfg.act_group_aware,
-                               damp_auto=cfg.damp_auto)
+                               damp_auto=cfg.damp_auto, mse=cfg.mse)
         if not math.isfinite(result.relative_error):
             raise FloatingPointError(
                 f"layer {index} ({key}): GPTQ's relative error is {result.relative_error} "
@@ -245,13 +254,15 @@ class GPTQStage(CalibratingStage):
         worst = worst_error(self.errors)
         raised = sorted({d for layer in self.damps for d in layer.values() if d != self.config.damp_percent})
         cfg = self.config
-        options = [name for name, on in (("act-order", cfg.act_order), ("act-group-aware", cfg.act_group_aware),
-                                          ("true-sequential", cfg.true_sequential)) if on]
+        act_order = {True: "act-order", "static": "static act-order"}.get(cfg.act_order, "")
+        options = [name for name, on in ((act_order, bool(cfg.act_order)), ("act-group-aware", cfg.act_group_aware),
+                                          ("true-sequential", cfg.true_sequential), ("mse scales", cfg.mse)) if on]
         self.metrics = {
             "bits": cfg.bits,
             "group_size": cfg.group_size,
             "settings": {"sym": cfg.sym, "act_order": cfg.act_order, "act_group_aware": cfg.act_group_aware,
-                         "damp_percent": cfg.damp_percent, "true_sequential": cfg.true_sequential},
+                         "damp_percent": cfg.damp_percent, "true_sequential": cfg.true_sequential,
+                         **({"mse": True} if cfg.mse else {})},
             "quantized_linears": len(self.quantized_paths),
             "relative_error": self.errors,
             "worst_relative_error": worst,
@@ -288,11 +299,11 @@ def record_gptq_config(model: Any, config: GPTQConfig, paths: list[str], partial
     """
     model.config.a3q_gptq = {"bits": config.bits, "group_size": config.group_size, "sym": config.sym,
                              "act_order": config.act_order, "act_group_aware": config.act_group_aware,
-                             "true_sequential": config.true_sequential, "modules": list(paths)}
+                             "true_sequential": config.true_sequential, "mse": config.mse, "modules": list(paths)}
     if not is_a3_model(model):
         model.config.quantization_config = {
             "quant_method": "gptq", "bits": config.bits, "group_size": config.group_size,
-            "desc_act": config.act_order, "sym": config.sym, "damp_percent": config.damp_percent,
+            "desc_act": config.act_order is True, "sym": config.sym, "damp_percent": config.damp_percent,
             "checkpoint_format": "gptq", "true_sequential": config.true_sequential,
         }
         if partial_groups:

@@ -40,11 +40,12 @@ from pydantic import Field, model_validator
 from a3q.arch import FAMILIES
 from a3q.arch.surgery import as_a3_graph, redescribe
 from a3q.graph import ModelGraph
+from a3q.io.model_folder import config_json, text_field
 from a3q.registry import StageConfig, register_stage
 from a3q.stages.a3.allocation import plan_global_ranks
 from a3q.stages.a3.apply import qk_norm_setting
 from a3q.stages.a3.layer_stage import HeadSpaceCompression
-from a3q.stages.a3.ranks import plan_ranks
+from a3q.stages.a3.ranks import HEAD_DIM_GRIDS, allowed_head_dims, plan_ranks
 
 Component = Literal["qk", "ov", "mlp"]
 _RANK_FIELD = {"qk": "qk_rank", "ov": "vo_rank", "mlp": "ff_rank"}
@@ -76,6 +77,19 @@ class A3Config(StageConfig):
     statistics: Literal["dense", "sequential"] = "dense"
     qk_norm: Literal["keep", "pre_norm", "post_norm"] = "post_norm"  # pre_norm with uniform ranks (_measured_defaults)
     head_dims: Literal["any", "vllm-cpu", "flash"] = "any"  # one q/k = v/o head size a backend runs unpadded
+
+    def model_problems(self, model: str, revision: str | None) -> list[str]:
+        """``head_dims`` against the model's head size (from its config.json, before anything loads): the backend
+        must run some size up to it."""
+        if self.head_dims == "any":
+            return []
+        config = config_json(model, revision)
+        hidden, heads = text_field(config, "hidden_size"), text_field(config, "num_attention_heads")
+        head_dim = text_field(config, "head_dim") or (hidden // heads if hidden and heads else None)
+        if head_dim is not None and not allowed_head_dims(self.head_dims, head_dim):
+            return [f"head_dims: {self.head_dims} runs no head size up to the model's {head_dim} (sizes: "
+                    f"{', '.join(map(str, HEAD_DIM_GRIDS[self.head_dims][:4]))}, …)"]
+        return []
 
     def changes_kv_ranks(self) -> bool:
         return "qk" in self.components or "ov" in self.components

@@ -13,9 +13,24 @@
   seed: 0                  # adapter init, window choice and order, dropout
   gradient_checkpointing: false
   merge: false             # true: merge into the float weights (refused after a quantizing stage)
-  corpus: enwiki           # the training text; 'test' (held out) is never trained on
-  split: calib
+  corpus: enwiki           # the training text (or path / dataset, chat records: the calibration's fields);
+  split: calib             #   a held-out split, or the text an earlier evaluate measures on, is refused
+  loss: lm                 # lm | kd | kd+lm (distil the teacher's next-token distribution)
+  teacher: input           # kd: 'input' (the recipe's model before any stage) or any model a recipe can load
+  temperature: 1.0         # kd: softmax temperature of teacher and student (the loss is scaled by T²)
+  kd_weight: 0.5           # kd+lm: kd_weight · kd + (1 − kd_weight) · lm
+  teacher_top_k: 64        # kd: the teacher's top-k tokens per prediction, plus one bucket for the rest
+  distill_layers: null     # kd: also match these decoder layers' outputs to the teacher's (MSE; off by default)
+  distill_weight: 1.0      # kd: weight of that MSE
 ```
+
+**Distillation** (``loss: kd`` or ``kd+lm``; :mod:`a3q.stages.lora.distill`): the student is trained towards the
+teacher's next-token distribution, kept as its top-k probabilities plus the tail's mass as one extra bucket (an
+exact KL over ``k + 1`` outcomes). The teacher runs once before training over the windows this process trains on;
+its targets are cached as safetensors in ``OUT/lora-teacher/`` (outside a recipe: a temporary folder), under a hash
+of the teacher, its dtype, ``k``, the temperature and the windows, so a resumed run reuses them
+(:mod:`a3q.stages.lora.teacher`); then the teacher is freed, and training holds the student alone. The teacher's
+vocabulary must be the model's, and ``teacher_top_k`` within it (checked at validation from config.json).
 
 **Bases.** A float model (dense or A³-compressed): PEFT's LoRA ``Linear`` layers. A bitsandbytes 4/8-bit model
 (``bnb`` stage): QLoRA, ``prepare_model_for_kbit_training`` then PEFT's bnb LoRA layers. A model quantized by a3q's
@@ -37,7 +52,9 @@ at least the number of processes. Only rank 0 shows progress; the report (rank 0
 ``rank_batch`` (windows per process and step) and ``adapter_repairs`` (0: the ranks' adapters agreed).
 
 **Report row.** ``steps``, ``train_loss`` (mean of the last 10% of steps), ``loss_first``, ``loss_curve``,
-``train_seconds``, ``seconds_per_step``, ``tokens``, ``trainable_params``; when an ``evaluate`` stage comes before
+``train_seconds``, ``seconds_per_step``, ``tokens``, ``trainable_params``, ``loss``; distilling also ``teacher``,
+``teacher_top_k``, ``temperature``, ``teacher_seconds`` (0 when the cache was reused), ``teacher_cache``,
+``teacher_cache_bytes``, ``teacher_cache_reused`` and ``teacher_tail_mass`` (the mean mass outside the top-k); when an ``evaluate`` stage comes before
 this one, the engine repeats that evaluation after training (``trains`` on the config): ``ppl_before`` (that stage's
 number) and ``ppl`` (after).
 """
@@ -46,6 +63,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,9 +76,11 @@ from a3q.arch.surgery import with_separate_linears
 from a3q.graph import ModelGraph
 from a3q.io.adapter import with_adapter
 from a3q.registry import register_stage
-from a3q.stages.lora.config import LoraConfig
+from a3q.stages.lora.config import INPUT_TEACHER, LoraConfig
 from a3q.stages.lora.data_parallel import check_adapters_identical, seed_dropout_for_rank
-from a3q.stages.lora.train import train, training_windows
+from a3q.stages.lora.distill import Objective
+from a3q.stages.lora.teacher import TeacherCache, TeacherSpec, teacher_cache
+from a3q.stages.lora.train import batch_order, rank_rows, train, training_windows
 
 
 def target_pattern(graph: ModelGraph, names: list[str] | None) -> str:
@@ -119,8 +141,7 @@ def lora(graph: ModelGraph, config: LoraConfig, context) -> ModelGraph:
         raise ValueError("the model already carries an unmerged LoRA adapter; merge it first (merge: true)")
     graph = with_separate_linears(graph)
     label = context.label
-    pool = training_windows(graph.tokenizer, config.corpus, config.split, config.seq_len,
-                            config.steps * config.batch_size, config.seed)
+    pool = training_windows(graph.tokenizer, config, config.seq_len, config.steps * config.batch_size, config.seed)
     distributed.check_same_everywhere(pool, f"{label}: the training windows")
     frozen = [(p, p.requires_grad) for p in graph.model.parameters()]
     model = graph.model
@@ -133,6 +154,7 @@ def lora(graph: ModelGraph, config: LoraConfig, context) -> ModelGraph:
             unmergeable = quantized_targets(model)
             if unmergeable:
                 raise ValueError(f"merge: the adapter cannot be merged into quantized weights, e.g. {unmergeable[0]}")
+        teacher = distil_targets(graph, config, context, pool) if config.distils else None
         trainable = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
         seed_dropout_for_rank(config.seed)  # after the adapter's init, which must be the same on every rank
         if config.gradient_checkpointing:
@@ -140,7 +162,11 @@ def lora(graph: ModelGraph, config: LoraConfig, context) -> ModelGraph:
         generator = torch.Generator().manual_seed(config.seed)
         try:
             result = train(adapter, adapter.parameters(), pool, config.steps, config.batch_size, config.lr,
-                           generator, description=label, progress=distributed.is_main())
+                           generator, description=label, progress=distributed.is_main(),
+                           objective=Objective(config.loss, config.temperature, config.kd_weight,
+                                               config.distill_weight),
+                           teacher=teacher, layers=(model, graph.family, config.distill_layers)
+                           if config.distill_layers else None)
             repaired = check_adapters_identical(adapter, f"{label}: the trained adapter")
         finally:
             if config.gradient_checkpointing:
@@ -168,6 +194,8 @@ def lora(graph: ModelGraph, config: LoraConfig, context) -> ModelGraph:
         "train_windows": result.windows,
         "trainable_params": trainable,
         "merged": config.merge,
+        "loss": config.loss,
+        **({} if teacher is None else teacher_metrics(config, teacher)),
     }
     if distributed.world_size() > 1:
         shares = distributed.WindowShares(config.batch_size, 1, distributed.world_size())
@@ -176,3 +204,40 @@ def lora(graph: ModelGraph, config: LoraConfig, context) -> ModelGraph:
     note = f"r={config.r} {result.steps} steps, loss {result.losses[0]:.3f}→{result.final_loss:.3f}"
     context.metrics.update(metrics, note=note + (", merged" if config.merge else ""))
     return graph
+
+
+def distil_targets(graph: ModelGraph, config: LoraConfig, context, pool: torch.Tensor) -> TeacherCache:
+    """The teacher's cached targets for the pool rows this process trains on (computed, or read back from the run's
+    ``lora-teacher/`` folder), inside a forked RNG: a cache hit and a miss leave the same random state for training.
+    Outside a recipe (``apply_stage``) the cache lives in a temporary folder for the call."""
+    if config.teacher == INPUT_TEACHER:
+        if context.model is None:
+            raise ValueError("teacher: 'input' needs the recipe's model; name the teacher's folder instead")
+        spec = TeacherSpec(context.model, context.revision, context.dtype)
+    else:
+        spec = TeacherSpec(config.teacher, None, context.dtype)
+    order = batch_order(pool.shape[0], config.steps, config.batch_size, torch.Generator().manual_seed(config.seed))
+    device = next(graph.model.parameters()).device
+    name = re.sub(r"[^A-Za-z0-9]+", "-", context.label).strip("-") or "lora"
+    name += f"-rank{distributed.rank()}of{distributed.world_size()}"
+    with ExitStack() as stack, torch.random.fork_rng(devices=[]):
+        folder = Path(context.output_dir) / "lora-teacher" if context.recipe_raw else Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="a3q-lora-teacher-")))
+        cache = teacher_cache(spec, pool, rank_rows(order), config.teacher_top_k, config.temperature, folder, name,
+                              device, config.distill_layers)
+        if not context.recipe_raw:
+            cache.path = None  # the temporary folder is gone after this call
+    return cache
+
+
+def teacher_metrics(config: LoraConfig, cache: TeacherCache) -> dict[str, Any]:
+    """The report fields of a distilling run: the teacher, and what its cache cost and holds."""
+    return {
+        "teacher": config.teacher, "teacher_top_k": config.teacher_top_k, "temperature": config.temperature,
+        **({"kd_weight": config.kd_weight} if config.loss == "kd+lm" else {}),
+        **({"distill_layers": config.distill_layers, "distill_weight": config.distill_weight}
+           if config.distill_layers else {}),
+        "teacher_seconds": cache.seconds, "teacher_cache": str(cache.path) if cache.path else None,
+        "teacher_cache_bytes": cache.bytes, "teacher_cache_reused": cache.reused,
+        "teacher_tail_mass": float(cache.targets.tail.exp().mean()),
+    }

@@ -1,4 +1,6 @@
-"""The LoRA training loop: AdamW on the adapter weights, next-token loss on random windows of the training text.
+"""The LoRA training loop: AdamW on the adapter weights, on random windows of the training text, with the stage's
+loss (:class:`a3q.stages.lora.distill.Objective`: next-token cross-entropy, distillation from cached teacher
+targets, or a mix).
 
 Deterministic for a fixed seed on CPU: the adapter initialisation, the window order and dropout all draw from
 torch's global generator seeded with ``seed`` inside :func:`torch.random.fork_rng` (so the caller's random state is
@@ -25,11 +27,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from a3q import distributed
-from a3q.calib.sources import TextSource
+from a3q.calib.sources import TextSourceFields
 from a3q.calib.tokens import count_tokens
 from a3q.calib.windows import random_windows
 from a3q.stages.lora.data_parallel import (batch_problem, data_parallel, global_sum, rank_loss_scale,
                                              rank_share)
+from a3q.stages.lora.distill import Objective
+from a3q.stages.lora.hidden import captured_layers, stacked
+from a3q.stages.lora.teacher import TeacherCache
 
 
 @dataclass
@@ -57,9 +62,9 @@ class TrainResult:
         return [sum(chunk) / len(chunk) for chunk in (self.losses[i : i + size] for i in range(0, len(self.losses), size))]
 
 
-def training_windows(tokenizer, corpus: str, split: str, seq_len: int, wanted: int, seed: int) -> torch.Tensor:
-    """``min(wanted, available)`` distinct windows of the split, chosen with the seed."""
-    source = TextSource(corpus=corpus, split=split)
+def training_windows(tokenizer, source: TextSourceFields, seq_len: int, wanted: int, seed: int) -> torch.Tensor:
+    """``min(wanted, available)`` distinct windows of the text source, chosen with the seed."""
+    source = source.source()
     available = count_tokens(tokenizer, source) // seq_len
     return random_windows(tokenizer, source, seq_len, min(wanted, available), seed)
 
@@ -69,6 +74,12 @@ def batch_order(pool_size: int, steps: int, batch_size: int, generator: torch.Ge
     needed = steps * batch_size
     passes = [torch.randperm(pool_size, generator=generator) for _ in range(math.ceil(needed / pool_size))]
     return torch.cat(passes)[:needed].view(steps, batch_size)
+
+
+def rank_rows(order: torch.Tensor) -> torch.Tensor:
+    """The pool rows this rank trains on over all steps of ``order`` ``[steps, batch_size]`` (its shares), sorted:
+    what its teacher cache must cover. One process: every row the steps use."""
+    return torch.unique(torch.cat([rank_share(indices) for indices in order]))
 
 
 def next_token_loss(model: torch.nn.Module, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -98,16 +109,24 @@ def train(
     generator: torch.Generator,
     description: str = "lora",
     progress: bool = True,
+    objective: Objective = Objective(),
+    teacher: TeacherCache | None = None,
+    layers: tuple[torch.nn.Module, str, list[int]] | None = None,
 ) -> TrainResult:
     """Train ``parameters`` (the adapter's) for ``steps`` AdamW steps on batches of ``batch_size`` drawn from ``pool``.
 
     Call inside a seeded :func:`torch.random.fork_rng` for a reproducible run (dropout uses the global generator).
     In a distributed run every rank calls this with the same ``pool`` and ``generator`` seed; ``batch_size`` is
-    the global batch, each rank trains on its share of it and DDP averages the gradients.
+    the global batch, each rank trains on its share of it and DDP averages the gradients. ``objective`` is the
+    loss of one prediction; a distilling one reads its targets from ``teacher`` (covering this rank's rows).
+    ``layers``: ``(causal LM, family, indices)`` whose decoder layers' outputs are matched to the teacher's
+    (``distill_layers``).
     """
     parameters = [p for p in parameters if p.requires_grad]
     if not parameters:
         raise ValueError("no trainable parameters: the adapter matched no module")
+    if objective.needs_teacher and teacher is None:
+        raise ValueError(f"loss: {objective.loss} needs the teacher's cached targets")
     problem = batch_problem(batch_size, distributed.world_size())
     if problem:
         raise distributed.DistributedError(problem)
@@ -123,10 +142,15 @@ def train(
     started = time.perf_counter()
     bar = tqdm(order, desc=description, unit="step", disable=not progress, leave=False)
     try:
-        with data_parallel(model) as forward:
+        with data_parallel(model) as forward, captured_layers(*(layers or (model, "", None))) as captured:
             for indices in bar:
-                batch = pool[rank_share(indices)].to(device)  # this rank's share of the global batch
-                summed = next_token_loss(forward, batch, reduction="sum")
+                rows = rank_share(indices)
+                batch = pool[rows].to(device)  # this rank's share of the global batch
+                targets = teacher.for_rows(rows).to(device) if objective.needs_teacher else None
+                logits = forward(input_ids=batch, use_cache=False).logits
+                hidden = stacked(captured, layers[2]) if layers else None
+                summed = objective.summed(logits, batch, targets, hidden)
+                del logits
                 loss = float(global_sum(summed)) / (batch_size * predictions_per_window)  # the global batch's mean
                 if not math.isfinite(loss):  # the same value on every rank: all of them stop together
                     raise FloatingPointError(f"training loss became {loss} at step {result.steps + 1}; lower lr")

@@ -9,16 +9,11 @@ import math
 import pytest
 import torch
 
-from a3q.stages.a3.allocation import (
-    ErrorCurve,
-    _probe_weights,
-    candidate_ranks,
-    greedy_allocate,
-    plan_global_ranks,
-    relative_error_curve,
-)
+from a3q.stages.a3.allocation import plan_global_ranks
 from a3q.stages.a3.apply import compress_model
+from a3q.stages.a3.error_curves import ErrorCurve, candidate_ranks, greedy_allocate, relative_error_curve
 from a3q.stages.a3.ranks import LayerRanks, plan_ranks
+from a3q.stages.a3.sensitivity import _probe_weights
 from a3q.stages.a3.statistics import collect_statistics
 from tests.stages.a3.test_pipeline_tiny import (
     ALL,

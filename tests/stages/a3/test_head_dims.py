@@ -82,3 +82,24 @@ def test_global_plan_puts_every_layer_on_the_grid_within_the_budget(ratio):
     # the same budget as the unconstrained plan: at most one MLP channel per layer beyond it
     per_channel = 3 * graph.hidden_size
     assert removed - (graph.decoder_linear_params() - free.decoder_linear_params()) <= per_channel * len(graph.layers)
+
+
+def test_a_model_whose_heads_the_backend_cannot_run_is_refused_before_it_loads(tmp_path):
+    import json
+
+    from a3q.recipe import RecipeError, parse_recipe
+    from tests.stages.a3.test_pipeline_tiny import tiny_llama
+
+    from a3q.assets.models import smollm2_path
+
+    folder = tmp_path / "tiny"
+    tiny_llama().save_pretrained(folder)  # head dim 16: vLLM's CPU attention runs 32 and up
+    for tokenizer_file in smollm2_path().glob("tokenizer*"):  # a folder recipes accept needs a tokenizer
+        (folder / tokenizer_file.name).write_bytes(tokenizer_file.read_bytes())
+    assert json.loads((folder / "config.json").read_text())["head_dim"] == 16
+    raw = {"model": str(folder), "stages": [{"stage": "a3", "ratio": 0.2, "head_dims": "vllm-cpu"}]}
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe(raw)
+    assert any("stages[0]" in problem and "head_dims: vllm-cpu runs no head size up to the model's 16" in problem
+               for problem in caught.value.problems), caught.value.problems
+    parse_recipe({**raw, "stages": [{"stage": "a3", "ratio": 0.2, "head_dims": "flash"}]})  # 8 and 16 run

@@ -138,7 +138,7 @@ def test_global_allocation_probe_equals_the_compressed_layer(family: str, mode: 
 
     from a3q.arch import FAMILIES, LINEAR_PATHS
     from a3q.arch.surgery import as_a3_graph
-    from a3q.stages.a3.allocation import _probe_weights
+    from a3q.stages.a3.sensitivity import _probe_weights
     from a3q.stages.a3.apply import compress_model, qk_norm_setting
     from a3q.stages.a3.ranks import LayerRanks
     from a3q.stages.a3.statistics import collect_statistics

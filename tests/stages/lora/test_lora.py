@@ -24,6 +24,7 @@ from a3q.registry import StageConfig
 from a3q.stages.a3.apply import as_a3_graph
 from a3q.stages.lora.config import LoraConfig
 from a3q.engine import apply_stage
+from a3q.calib.sources import enwiki
 from a3q.stages.lora.train import next_token_loss, training_windows
 from tests.remote_code import remote_code_logits
 
@@ -45,15 +46,20 @@ def tokenizer(smollm2_path):
     return AutoTokenizer.from_pretrained(str(smollm2_path))
 
 
-def tiny_graph(tokenizer):
-    """A tiny A³-class Llama over SmolLM2's vocabulary (so it trains on real text windows); the same weights in
-    every process (seeded), which the data-parallel test relies on."""
-    torch.manual_seed(0)
+def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    """A tiny dense Llama over SmolLM2's vocabulary, its weights drawn with ``seed``."""
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
     )
-    return as_a3_graph(describe(LlamaForCausalLM(config).eval(), tokenizer, source="tiny"))
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_graph(tokenizer):
+    """A tiny A³-class Llama over SmolLM2's vocabulary (so it trains on real text windows); the same weights in
+    every process (seeded), which the data-parallel test relies on."""
+    return as_a3_graph(describe(tiny_llama(tokenizer), tokenizer, source="tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +83,7 @@ def logits(graph, ids):
 
 @pytest.fixture(scope="module")
 def probe(tokenizer):
-    return training_windows(tokenizer, "enwiki", "calib", 32, 2, seed=123)
+    return training_windows(tokenizer, enwiki("calib"), 32, 2, seed=123)
 
 
 # ---------------------------------------------------------------- config and recipe rules
@@ -231,7 +237,7 @@ def test_a_second_adapter_needs_the_first_merged(tiny):
 
 @pytest.fixture(scope="module")
 def tiny_gptq(tiny, tokenizer):
-    windows = training_windows(tokenizer, "enwiki", "calib", 32, 4, seed=0)
+    windows = training_windows(tokenizer, enwiki("calib"), 32, 4, seed=0)
     return apply_stage(copy.deepcopy(tiny), "gptq", windows=windows, bits=4, group_size=16)[0]
 
 

@@ -24,8 +24,10 @@ from a3q import distributed
 from a3q.engine import apply_stage, distributed_problems
 from a3q.recipe import parse_recipe
 from a3q.stages.lora import stage as lora_stage
+from a3q.stages.lora import teacher as teacher_module
 from a3q.stages.lora.config import LoraConfig
 from a3q.stages.lora.train import training_windows
+from tests.stages.lora.test_kd_stage import save_teacher
 from tests.stages.lora.test_lora import lora_weights, tiny_graph
 
 def _free_port() -> int:
@@ -39,7 +41,7 @@ FIELDS = dict(r=4, alpha=8, steps=5, batch_size=3, seq_len=32, lr=1e-2, dropout=
 TOLERANCE = 1e-10  # relative, per adapter tensor, in float64
 
 
-def _train_in_rank(rank: int, port: int, graph, pool: torch.Tensor, out: str) -> None:
+def _train_in_rank(rank: int, port: int, graph, pool: torch.Tensor, out: str, extra: dict | None = None) -> None:
     """One rank of a 2-process gloo group: the lora stage on ``graph``; saves its adapter and report fields.
 
     ``pool``: the parent's training windows (what the stage would cut itself, passed so that no process tokenizes
@@ -50,7 +52,7 @@ def _train_in_rank(rank: int, port: int, graph, pool: torch.Tensor, out: str) ->
     lora_stage.training_windows = lambda *args, **kwargs: pool
     assert distributed.init("cpu") and distributed.backend() == "gloo"
     try:
-        trained, metrics = apply_stage(graph, "lora", LoraConfig(**FIELDS, gradient_checkpointing=True))
+        trained, metrics = apply_stage(graph, "lora", LoraConfig(**FIELDS, **(extra or {}), gradient_checkpointing=True))
         leftovers = [name for name, tensor in [*trained.model.named_parameters(), *trained.model.named_buffers()]
                      if hasattr(tensor, "_ddp_ignored")] + [type(m).__name__ for m in trained.model.modules()
                                                           if hasattr(m, "_ddp_params_and_buffers_to_ignore")]
@@ -68,17 +70,27 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_two_gloo_processes_train_the_adapter_one_process_trains(smollm2_path, tmp_path, one_thread):
+@pytest.mark.parametrize("loss", ["lm", "kd"])
+def test_two_gloo_processes_train_the_adapter_one_process_trains(smollm2_path, tmp_path, one_thread, loss,
+                                                                 monkeypatch):
     """Forked ranks (a spawned one would spend ~7 s CPU importing torch, transformers and PEFT again) start from
-    the parent's model and windows; the parent trains the one-process reference meanwhile."""
+    the parent's model and windows; the parent trains the one-process reference meanwhile.
+
+    ``kd``: each rank runs the teacher over (and caches) only the windows it trains on; the teacher runs one window
+    per forward here, so that its float32 targets do not depend on how the windows were batched."""
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_path))
-    config = LoraConfig(**FIELDS)
-    pool = training_windows(tokenizer, config.corpus, config.split, config.seq_len, config.steps * config.batch_size,
+    extra = {}
+    if loss == "kd":
+        monkeypatch.setattr(teacher_module, "LOGITS_BUDGET", 1)
+        extra = dict(loss="kd", teacher_top_k=16, teacher=str(save_teacher(tokenizer, tmp_path / "teacher", seed=1)))
+    config = LoraConfig(**FIELDS, **extra)
+    pool = training_windows(tokenizer, config, config.seq_len, config.steps * config.batch_size,
                             config.seed)
     tiny = tiny_graph(tokenizer)
     tiny.model.to(torch.float64)
     ranks = torch.multiprocessing.start_processes(
-        _train_in_rank, args=(_free_port(), tiny, pool, str(tmp_path)), nprocs=2, join=False, start_method="fork")
+        _train_in_rank, args=(_free_port(), tiny, pool, str(tmp_path), extra), nprocs=2, join=False,
+        start_method="fork")
     reference, metrics = apply_stage(copy.deepcopy(tiny), "lora", config)
     while not ranks.join():
         pass
@@ -94,6 +106,10 @@ def test_two_gloo_processes_train_the_adapter_one_process_trains(smollm2_path, t
     assert parallel["tokens"] == metrics["tokens"] == 5 * 3 * 32 and parallel["steps"] == 5
     assert saved[1]["metrics"]["loss_curve"] == parallel["loss_curve"]  # the global loss, the same on every rank
     assert "world_size" not in metrics
+    if loss == "kd":  # the teacher cache is sharded like the windows: 15 windows, 10 + 5 over the two ranks
+        assert [saved[r]["metrics"]["teacher_cache_bytes"] for r in range(2)] == [
+            n * 31 * (16 * 8 + 4) for n in (10, 5)]
+        assert metrics["teacher_cache_bytes"] == 15 * 31 * (16 * 8 + 4)
 
     worst = max(float((saved[0]["weights"][k] - expected[k]).norm() / expected[k].norm()) for k in expected)
     print(f"LoRA weights, 2 gloo processes vs 1 (float64, 5 steps, global batch 3): worst relative difference "
