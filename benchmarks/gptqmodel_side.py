@@ -42,27 +42,16 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+from side_common import read_windows  # noqa: E402 (offline before torch loads)
 import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-
-def _windows(path: str) -> torch.Tensor:
-    ids = load_file(path)["input_ids"].long()
-    if ids.ndim != 2 or ids.shape[1] < 2:
-        raise SystemExit(f"{path}: input_ids must have shape [windows, seq_len >= 2], got {tuple(ids.shape)}")
-    return ids
+from safetensors.torch import save_file  # noqa: E402
 
 
 def quantize(args: argparse.Namespace) -> None:
     from gptqmodel import GPTQModel, QuantizeConfig
 
     torch.set_num_threads(args.threads)
-    ids = _windows(args.calib)
+    ids = read_windows(args.calib)
     calibration = [{"input_ids": row.unsqueeze(0), "attention_mask": torch.ones_like(row).unsqueeze(0)} for row in ids]
     config = QuantizeConfig(
         bits=args.bits,
@@ -110,7 +99,7 @@ def logits(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, GPTQConfig
 
     torch.set_num_threads(args.threads)
-    ids = _windows(args.tokens)
+    ids = read_windows(args.tokens)
     kwargs = {}
     if args.backend != "auto":
         # only the loading attributes of this config (backend) are merged into the checkpoint's quantization_config

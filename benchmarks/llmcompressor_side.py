@@ -24,24 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+from side_common import read_windows  # noqa: E402 (offline before torch loads)
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-
-def _windows(path: str) -> torch.Tensor:
-    ids = load_file(path)["input_ids"].long()
-    if ids.ndim != 2 or ids.shape[1] < 2:
-        raise SystemExit(f"{path}: input_ids must have shape [windows, seq_len >= 2], got {tuple(ids.shape)}")
-    return ids
 
 
 @torch.no_grad()
@@ -85,7 +72,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
-    ids = _windows(args.calib)
+    ids = read_windows(args.calib)
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     weights = QuantizationArgs(num_bits=args.bits, type="int", symmetric=args.sym, strategy="group",
                                group_size=args.group_size)
@@ -107,7 +94,7 @@ def main() -> None:
     perplexities = {}
     for item in args.eval:
         name, path = item.split("=", 1)
-        perplexities[name] = _perplexity(model, _windows(path))
+        perplexities[name] = _perplexity(model, read_windows(path))
     result = {"tool": "llmcompressor", "seconds": seconds, "perplexity": perplexities,
               "settings": {"actorder": args.actorder, "actorder_resolved": resolved, "damp": args.damp,
                            "bits": args.bits, "group_size": args.group_size, "sym": args.sym},
