@@ -13,7 +13,8 @@ Every folder a3q writes (an artifact, a prepared model) goes through :func:`atom
   removed by the next writer of the same target;
 * files and folders get the permissions of the user's umask, like ``save_pretrained`` (not mkdtemp's 0700).
 
-:func:`write_json_atomic` does the same for one file (temporary sibling + ``os.replace``).
+:func:`write_json_atomic` and :func:`write_safetensors_atomic` do the same for one file (temporary sibling +
+``fsync`` + ``os.replace``).
 """
 
 from __future__ import annotations
@@ -161,6 +162,26 @@ def write_json_atomic(path: Path | str, payload: Any) -> None:
         with os.fdopen(fd, "w") as handle:
             json.dump(payload, handle, indent=2, sort_keys=False)
             handle.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_safetensors_atomic(path: Path | str, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    """Write a safetensors file to ``path`` through a synced temporary sibling and an atomic rename: a reader (a
+    resumed run) finds the old file or the new one, never half of one."""
+    from safetensors.torch import save_file  # deferred: only the writers of tensor files need it
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:

@@ -50,6 +50,15 @@ def rows(group: str, model: str) -> dict[str, list[tuple[str, dict]]]:
             table[f"a3 20% + gptq 4-bit g64, {name}"] = [("a3", {"ratio": 0.2, "allocation": "uniform"}),
                                                           ("gptq", fields)]
         return table
+    if group == "gptq_order":  # issue 32: static activation order against the default (act_group_aware, damp 0.05)
+        orders = {"act_order static (damp 0.01)": {**PLAIN, "act_order": "static"},
+                  "act_order static, damp 0.05": {**PLAIN, "act_order": "static", "damp_percent": 0.05},
+                  "act_group_aware, damp 0.05": {**AGA, "damp_percent": 0.05}}
+        table = {}
+        for prefix, base in (("", []), ("a3 20% + ", [("a3", {"ratio": 0.2, "allocation": "uniform"})])):
+            for name, fields in orders.items():
+                table[f"{prefix}gptq 4-bit g64, {name}"] = [*base, ("gptq", fields)]
+        return table
     if group == "allocation":
         table = {"dense": []}
         for ratio in (0.1, 0.2, 0.3):
@@ -138,7 +147,7 @@ def print_table(results: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--groups", nargs="+", default=["gptq", "allocation"], choices=["gptq", "allocation", "qk_norm", "head_dims"])
+    parser.add_argument("--groups", nargs="+", default=["gptq", "allocation"], choices=["gptq", "gptq_order", "allocation", "qk_norm", "head_dims"])
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--news-windows", type=int, default=16)

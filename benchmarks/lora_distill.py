@@ -19,10 +19,9 @@ import copy
 import time
 
 import torch
+from bench_common import finish, machine_info, print_with_context, write_json
 from rich.console import Console
 from rich.table import Table
-
-from bench_common import finish, machine_info, print_with_context, write_json
 
 TOP_KS = (4, 8, 16, 32, 64, 128, 256, 1024)
 LOSSES = ("lm", "kd", "kd+lm")
@@ -57,7 +56,7 @@ def run_distill(args: argparse.Namespace) -> None:
     steps, evals = args.steps or 60, args.eval_windows or 12
     info = machine_info("cpu")
     started = time.perf_counter()
-    dense = load_graph("smollm2-135m")
+    dense = load_graph(args.model)
     tokenizer = dense.tokenizer
     calibration = random_windows(tokenizer, enwiki("calib"), 512, args.calib_windows, 0)
     clock = time.perf_counter()
@@ -65,9 +64,11 @@ def run_distill(args: argparse.Namespace) -> None:
     # one window of 128 tokens per probe keeps the benchmark inside its budget
     student, _ = apply_stage(copy.deepcopy(dense), "a3", windows=calibration, ratio=args.ratio, probe_windows=1,
                              probe_seq_len=128)
+    if args.quant == "gptq4":  # the stage's defaults otherwise: LoRA then trains on the quantized base (like QLoRA)
+        student, _ = apply_stage(student, "gptq", windows=calibration, bits=4, group_size=64)
     a3_seconds = time.perf_counter() - clock
-    assert student.source == "smollm2-135m"  # teacher: input loads this again
-    console.log(f"A³ {args.ratio:.0%}: {a3_seconds:.0f} s")
+    assert student.source == args.model  # teacher: input loads this again
+    console.log(f"A³ {args.ratio:.0%}{' + GPTQ 4-bit g64' if args.quant == 'gptq4' else ''}: {a3_seconds:.0f} s")
     texts = {"enwiki/test": sequential_windows(tokenizer, enwiki("test"), 512, evals),
              "news/all": sequential_windows(tokenizer, TextSource(corpus="news", split="all"), 512, evals)}
 
@@ -79,7 +80,7 @@ def run_distill(args: argparse.Namespace) -> None:
     console.log("top-k: " + ", ".join(f"k={r['k']} keeps {r['kept']:.1%} (tail {r['tail_mass']:.3f})" for r in sweep))
     before = {"dense": ppl(dense), "a3": ppl(student)}
     rows = []
-    plan = [("a3", loss, None) for loss in LOSSES] + [("dense", "lm", None)]  # the control last
+    plan = [("a3", loss, None) for loss in LOSSES] + ([] if args.no_control else [("dense", "lm", None)])
     if args.distill_layers:
         plan.append(("a3", "kd", args.distill_layers))
     for base, loss, layers in plan:
@@ -91,7 +92,7 @@ def run_distill(args: argparse.Namespace) -> None:
         trained, metrics = apply_stage(copy.deepcopy(dense if base == "dense" else student), "lora", **fields)
         after = ppl(trained)
         label = loss + (f" + layers {','.join(map(str, layers))}" if layers else "")
-        rows.append({"base": base, "loss": label, "before": before[base], "after": after,
+        rows.append({"base": base if base == "dense" else "student", "loss": label, "before": before[base], "after": after,
                      "train_loss": metrics["train_loss"], "seconds_per_step": metrics["seconds_per_step"],
                      "teacher_seconds": metrics.get("teacher_seconds"),
                      "teacher_cache_bytes": metrics.get("teacher_cache_bytes"),
@@ -100,7 +101,7 @@ def run_distill(args: argparse.Namespace) -> None:
         if args.json:  # partial results survive a run cut short
             write_json(args.json.with_suffix(".partial.json"), {"rows": rows, "top_k": sweep})
         del trained
-    notes = [f"A³ {args.ratio:.0%} (global allocation, the default; probes of 1 × 128 tokens instead of 2 × 256), "
+    notes = [f"{args.model}: A³ {args.ratio:.0%}{' + GPTQ 4-bit g64 (sym, stage defaults)' if args.quant == 'gptq4' else ''} (global allocation, the default; probes of 1 × 128 tokens instead of 2 × 256), "
              f"calibration {args.calib_windows}×512 enwiki/calib; A³ took {a3_seconds:.0f} s",
              f"LoRA r=8 alpha=16 lr=1e-3 on all decoder linears, {steps} steps × 1 window of {args.seq_len} tokens "
              f"(enwiki/calib, seed 0); kd: teacher = the dense model, teacher_top_k {args.top_k}, temperature 1, "
@@ -113,7 +114,9 @@ def run_distill(args: argparse.Namespace) -> None:
 
 
 def render(result: dict, sweep: list[dict]) -> None:
-    table = Table(title="LoRA healing of A³ SmolLM2-135M by loss: perplexity before → after")
+    settings = result["settings"]
+    student = f"A³ {settings['ratio']:.0%}" + (" + GPTQ 4-bit" if settings.get("quant") == "gptq4" else "")
+    table = Table(title=f"LoRA healing of {student} {settings['model']} by loss: perplexity before → after")
     for column in ("base", "loss", "enwiki/test", "news/all", "train loss", "s/step", "teacher s", "cache MiB"):
         table.add_column(column, justify="left" if column in ("base", "loss") else "right")
     for row in result["rows"]:

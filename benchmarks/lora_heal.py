@@ -80,6 +80,10 @@ def main() -> None:
     parser.add_argument("--distill-layers", type=int, nargs="+", default=None,
                         help="--distill: add a kd row that also matches these layers' hidden states")
     parser.add_argument("--distill-weight", type=float, default=1.0, help="--distill: weight of that MSE")
+    parser.add_argument("--model", default="smollm2-135m", help="--distill: the dense model (also the teacher)")
+    parser.add_argument("--quant", choices=["none", "gptq4"], default="none",
+                        help="--distill: quantize the A³ student (GPTQ 4-bit g64) before LoRA")
+    parser.add_argument("--no-control", action="store_true", help="--distill: leave out the dense + LoRA row")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,6 +20,7 @@ from a3q.io.manifest import ArtifactError, read_manifest, verify_artifact
 from a3q.io.shards import SINGLE_WEIGHTS, WEIGHTS_INDEX, ShardIndexError, read_index
 
 MAX_CONFIG_BYTES = 16 << 20
+MAX_TOKENIZER_BYTES = 64 << 20  # Gemma 3's tokenizer.json is 33 MB
 _MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 _TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
@@ -220,19 +221,39 @@ def check_model_reference(model: str, revision: str | None = None) -> str | None
         return f"'{model[:200]}': {exc.strerror or exc}"
 
 
+def _folder(reference: str, revision: str | None) -> Path:
+    """Where a model reference's files are on disk (nothing is prepared or downloaded)."""
+    if reference in MODEL_ALIASES:
+        return cache_dir() / "models" / reference  # a bundled model not prepared yet: nothing to read
+    if looks_like_hub_id(reference):
+        return resolve_hub_model(reference, revision)
+    return Path(reference).expanduser()
+
+
 def config_json(reference: str, revision: str | None = None) -> dict | None:
     """A model reference's ``config.json`` without loading (or preparing) anything; None when it is not on disk."""
     try:
-        if reference in MODEL_ALIASES:
-            folder = cache_dir() / "models" / reference  # a bundled model not prepared yet: nothing to read
-        elif looks_like_hub_id(reference):
-            folder = resolve_hub_model(reference, revision)
-        else:
-            folder = Path(reference).expanduser()
-        config = read_json_file(folder / "config.json", MAX_CONFIG_BYTES)
+        config = read_json_file(_folder(reference, revision) / "config.json", MAX_CONFIG_BYTES)
     except (OSError, JSONFileError, RuntimeError, ValueError):
         return None
     return config if isinstance(config, dict) else None
+
+
+def tokenizer_vocabulary(reference: str, revision: str | None = None) -> dict[int, str] | None:
+    """Token id → token of a model's ``tokenizer.json`` (the model's vocabulary and the added tokens), without
+    loading a tokenizer; None when there is no readable one. Why the tokens and not the file: an a3q artifact
+    re-saves its tokenizer, so the same vocabulary can come in a file with other bytes."""
+    try:
+        data = read_json_file(_folder(reference, revision) / "tokenizer.json", MAX_TOKENIZER_BYTES)
+        vocab = data["model"]["vocab"]
+        if isinstance(vocab, dict):  # BPE, WordPiece, WordLevel: token → id
+            tokens = {int(index): str(token) for token, index in vocab.items()}
+        else:  # Unigram: [token, score] in id order
+            tokens = {index: str(entry[0]) for index, entry in enumerate(vocab)}
+        tokens.update({int(added["id"]): str(added["content"]) for added in data.get("added_tokens") or []})
+    except (OSError, JSONFileError, RuntimeError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    return tokens
 
 
 def text_field(config: dict | None, name: str) -> int | None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from a3q.calib.sources import TextDemand, TextSourceFields
-from a3q.io.model_folder import check_model_reference, config_json, text_field, vocab_size
+from a3q.io.model_folder import check_model_reference, config_json, text_field, tokenizer_vocabulary, vocab_size
 from a3q.registry import MAX_SEED, StageConfig
 from a3q.stages.lora.data_parallel import batch_problem
 from a3q.stages.lora.teacher import LOGITS_BUDGET
@@ -50,6 +50,9 @@ class LoraConfig(StageConfig, TextSourceFields):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     gradient_checkpointing: bool = False
     merge: bool = False
+    #: in a recipe, save the training state every this many steps (OUT/lora-state/; 0: never), so a stopped run
+    #: resumes training where it was (:mod:`a3q.stages.lora.training_state`)
+    checkpoint_steps: int = Field(25, ge=0, le=1_000_000)
     #: ``lm``: next-token cross-entropy on the text; ``kd``: KL to the teacher's top-k distribution;
     #: ``kd+lm``: ``kd_weight · kd + (1 − kd_weight) · lm`` (:mod:`a3q.stages.lora.distill`)
     loss: Literal["lm", "kd", "kd+lm"] = "lm"
@@ -114,10 +117,23 @@ class LoraConfig(StageConfig, TextSourceFields):
         if teacher is not None and student is not None and teacher != student:
             return [f"teacher: '{self.teacher}' has a vocabulary of {teacher:,} tokens, the model '{model}' "
                     f"{student:,}; distillation compares them token by token and needs the same tokenizer"]
+        if self.teacher != INPUT_TEACHER and (problem := self._tokenizer_problem(model, revision)):
+            return [problem]
         if teacher is not None and self.teacher_top_k > teacher:
             return [f"teacher_top_k: {self.teacher_top_k:,} is larger than the teacher's vocabulary "
                     f"({teacher:,} tokens)"]
         return self._layer_problems(model, student_config, teacher_config)
+
+    def _tokenizer_problem(self, model: str, revision: str | None) -> str | None:
+        """The same vocabulary size is not the same tokenizer: the first token id the two tokenizer.json files
+        map to different tokens (checked only where both are on disk; the tokens are compared, not the bytes)."""
+        student, teacher = tokenizer_vocabulary(model, revision), tokenizer_vocabulary(self.teacher)
+        if student is None or teacher is None or student == teacher:
+            return None
+        index = min(i for i in student.keys() | teacher.keys() if student.get(i) != teacher.get(i))
+        return (f"teacher: '{self.teacher}' has another tokenizer than the model '{model}': token id {index:,} is "
+                f"{teacher.get(index)!r} there and {student.get(index)!r} in the model; distillation compares "
+                "them token by token and needs the same tokenizer")
 
     def _layer_problems(self, model: str, student: dict | None, teacher: dict | None) -> list[str]:
         """``distill_layers`` against both models' depth and width (config.json)."""

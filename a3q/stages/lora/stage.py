@@ -13,6 +13,7 @@
   seed: 0                  # adapter init, window choice and order, dropout
   gradient_checkpointing: false
   merge: false             # true: merge into the float weights (refused after a quantizing stage)
+  checkpoint_steps: 25     # in a recipe: save adapter, optimizer, schedule and RNG every 25 steps (0: never)
   corpus: enwiki           # the training text (or path / dataset, chat records: the calibration's fields);
   split: calib             #   a held-out split, or the text an earlier evaluate measures on, is refused
   loss: lm                 # lm | kd | kd+lm (distil the teacher's next-token distribution)
@@ -37,6 +38,10 @@ vocabulary must be the model's, and ``teacher_top_k`` within it (checked at vali
 ``gptq`` stage: its ``GPTQLinear`` is registered with PEFT as a custom module type (:mod:`a3q.io.peft_modules`),
 so gradients reach the adapter through the dequantised weight. The adapter is trained in float32
 (``autocast_adapter_dtype``); the base stays frozen.
+
+**Stops.** In a recipe, training saves its state every ``checkpoint_steps`` steps in ``OUT/lora-state/``; a run
+stopped during training and resumed (``--resume``) continues from the last save and ends with the adapter an
+uninterrupted run gives, bit for bit on CPU (:mod:`a3q.stages.lora.training_state`).
 
 **Merge.** ``merge: true`` folds ``B·A·alpha/r`` into the float weights (``merge_and_unload``): the model is a plain
 model again, so ``a3 → lora(merge) → gptq`` fine-tunes in float and quantizes last. Quantized weights cannot absorb
@@ -81,6 +86,7 @@ from a3q.stages.lora.data_parallel import check_adapters_identical, seed_dropout
 from a3q.stages.lora.distill import Objective
 from a3q.stages.lora.teacher import TeacherCache, TeacherSpec, teacher_cache
 from a3q.stages.lora.train import batch_order, rank_rows, train, training_windows
+from a3q.stages.lora.training_state import TrainingCheckpoint, training_checkpoint
 
 
 def target_pattern(graph: ModelGraph, names: list[str] | None) -> str:
@@ -160,13 +166,16 @@ def lora(graph: ModelGraph, config: LoraConfig, context) -> ModelGraph:
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         generator = torch.Generator().manual_seed(config.seed)
+        saves = training_state(config, context, pool, adapter)
         try:
             result = train(adapter, adapter.parameters(), pool, config.steps, config.batch_size, config.lr,
                            generator, description=label, progress=distributed.is_main(),
                            objective=Objective(config.loss, config.temperature, config.kd_weight,
                                                config.distill_weight),
                            teacher=teacher, layers=(model, graph.family, config.distill_layers)
-                           if config.distill_layers else None)
+                           if config.distill_layers else None, checkpoint=saves)
+            if saves is not None:
+                saves.remove()  # trained: the engine's checkpoint after this stage takes over
             repaired = check_adapters_identical(adapter, f"{label}: the trained adapter")
         finally:
             if config.gradient_checkpointing:
@@ -218,8 +227,7 @@ def distil_targets(graph: ModelGraph, config: LoraConfig, context, pool: torch.T
         spec = TeacherSpec(config.teacher, None, context.dtype)
     order = batch_order(pool.shape[0], config.steps, config.batch_size, torch.Generator().manual_seed(config.seed))
     device = next(graph.model.parameters()).device
-    name = re.sub(r"[^A-Za-z0-9]+", "-", context.label).strip("-") or "lora"
-    name += f"-rank{distributed.rank()}of{distributed.world_size()}"
+    name = process_file_name(context.label)
     with ExitStack() as stack, torch.random.fork_rng(devices=[]):
         folder = Path(context.output_dir) / "lora-teacher" if context.recipe_raw else Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="a3q-lora-teacher-")))
@@ -228,6 +236,22 @@ def distil_targets(graph: ModelGraph, config: LoraConfig, context, pool: torch.T
         if not context.recipe_raw:
             cache.path = None  # the temporary folder is gone after this call
     return cache
+
+
+def process_file_name(label: str) -> str:
+    """This stage's files in the run's folder, per process: ``stages-3-lora-rank0of2``."""
+    name = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-") or "lora"
+    return name + f"-rank{distributed.rank()}of{distributed.world_size()}"
+
+
+def training_state(config: LoraConfig, context, pool: torch.Tensor, adapter) -> TrainingCheckpoint | None:
+    """Inside a recipe with ``checkpoint_steps``: where this process saves (and finds) its training state."""
+    if not context.recipe_raw or config.checkpoint_steps == 0:
+        return None
+    name = process_file_name(context.label)
+    settings = config.model_dump(mode="json", exclude={"checkpoint_steps", "merge"})
+    return training_checkpoint(Path(context.output_dir) / "lora-state", name, config.checkpoint_steps, settings,
+                               pool, adapter, adapter.named_parameters, distributed.rank(), distributed.world_size())
 
 
 def teacher_metrics(config: LoraConfig, cache: TeacherCache) -> dict[str, Any]:

@@ -22,17 +22,16 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from a3q.assets.models import resolve_model_path
+from a3q.atomic import write_safetensors_atomic
 from a3q.io.loading import load_graph
 from a3q.stages.lora.distill import TeacherTargets, teacher_targets
 from a3q.stages.lora.hidden import captured_layers, stacked
@@ -174,21 +173,10 @@ def _read(path: Path, key: str, shape: torch.Size, top_k: int, layers: int = 0) 
 
 
 def _write(path: Path, key: str, targets: TeacherTargets, spec: TeacherSpec, top_k: int, temperature: float) -> None:
-    """Write the targets to ``path`` through a temporary sibling and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the targets to ``path`` atomically (a resumed run reads a whole file or none)."""
     metadata = {"key": key, "format": f"a3q-lora-teacher-{CACHE_VERSION}", "teacher": spec.reference,
                 "top_k": str(top_k), "temperature": repr(temperature)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        tensors = {"indices": targets.indices.contiguous(), "logprobs": targets.logprobs.contiguous(),
-                   "tail": targets.tail.contiguous()}
-        if targets.hidden is not None:
-            tensors["hidden"] = targets.hidden.contiguous()
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {"indices": targets.indices, "logprobs": targets.logprobs, "tail": targets.tail}
+    if targets.hidden is not None:
+        tensors["hidden"] = targets.hidden
+    write_safetensors_atomic(path, tensors, metadata)

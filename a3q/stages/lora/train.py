@@ -30,11 +30,11 @@ from a3q import distributed
 from a3q.calib.sources import TextSourceFields
 from a3q.calib.tokens import count_tokens
 from a3q.calib.windows import random_windows
-from a3q.stages.lora.data_parallel import (batch_problem, data_parallel, global_sum, rank_loss_scale,
-                                             rank_share)
+from a3q.stages.lora.data_parallel import batch_problem, data_parallel, global_sum, rank_loss_scale, rank_share
 from a3q.stages.lora.distill import Objective
 from a3q.stages.lora.hidden import captured_layers, stacked
 from a3q.stages.lora.teacher import TeacherCache
+from a3q.stages.lora.training_state import Progress, TrainingCheckpoint
 
 
 @dataclass
@@ -112,6 +112,7 @@ def train(
     objective: Objective = Objective(),
     teacher: TeacherCache | None = None,
     layers: tuple[torch.nn.Module, str, list[int]] | None = None,
+    checkpoint: TrainingCheckpoint | None = None,
 ) -> TrainResult:
     """Train ``parameters`` (the adapter's) for ``steps`` AdamW steps on batches of ``batch_size`` drawn from ``pool``.
 
@@ -120,7 +121,8 @@ def train(
     the global batch, each rank trains on its share of it and DDP averages the gradients. ``objective`` is the
     loss of one prediction; a distilling one reads its targets from ``teacher`` (covering this rank's rows).
     ``layers``: ``(causal LM, family, indices)`` whose decoder layers' outputs are matched to the teacher's
-    (``distill_layers``).
+    (``distill_layers``). ``checkpoint``: save the training state every few steps and start from a saved one
+    (:mod:`a3q.stages.lora.training_state`; a resumed run equals an uninterrupted one).
     """
     parameters = [p for p in parameters if p.requires_grad]
     if not parameters:
@@ -137,10 +139,14 @@ def train(
     scale = rank_loss_scale(batch_size, predictions_per_window)
     device = next(model.parameters()).device
     result = TrainResult(windows=int(pool.shape[0]))
+    done = checkpoint.restore(parameters, optimizer, scheduler) if checkpoint is not None else None
+    if done is not None:
+        result.losses, result.tokens, result.seconds = done.losses, done.tokens, done.seconds
     was_training = model.training
     model.train()
-    started = time.perf_counter()
-    bar = tqdm(order, desc=description, unit="step", disable=not progress, leave=False)
+    started = time.perf_counter() - result.seconds
+    bar = tqdm(order[result.steps :], desc=description, unit="step", disable=not progress, leave=False,
+               initial=result.steps, total=steps)
     try:
         with data_parallel(model) as forward, captured_layers(*(layers or (model, "", None))) as captured:
             for indices in bar:
@@ -162,6 +168,9 @@ def train(
                 result.losses.append(loss)
                 result.tokens += batch_size * int(pool.shape[1])
                 bar.set_postfix(loss=f"{loss:.4f}")
+                if checkpoint is not None and checkpoint.due(result.steps, steps):
+                    checkpoint.save(parameters, optimizer, scheduler, Progress(
+                        result.steps, result.losses, result.tokens, time.perf_counter() - started))
     finally:
         bar.close()
         model.train(was_training)

@@ -13,8 +13,8 @@ from a3q.engine import apply_stage
 from a3q.recipe import RecipeError, parse_recipe
 from a3q.stages.lora.config import LoraConfig
 from a3q.stages.lora.train import training_windows
-from tests.stages.lora.test_lora import FAST, one_thread, tiny, tokenizer  # noqa: F401
 from tests.stages.lora.test_kd_stage import save_teacher
+from tests.stages.lora.test_lora import FAST, one_thread, tiny, tokenizer  # noqa: F401
 
 
 def problems(*stages, model="smollm2-135m"):
@@ -44,6 +44,19 @@ def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, tokenizer):
     (problem,) = problems({"stage": "lora", "loss": "kd", "teacher": str(folder)})
     assert problem == (f"stages[0] (lora): teacher: '{folder}' has a vocabulary of 32,000 tokens, the model "
                        "'smollm2-135m' 49,152; distillation compares them token by token and needs the same tokenizer")
+
+
+def test_a_teacher_with_the_same_vocabulary_size_but_another_tokenizer_is_refused(tmp_path, tokenizer):
+    folder = save_teacher(tokenizer, tmp_path / "teacher", seed=1)
+    parse_recipe({"model": "smollm2-135m", "stages": [{"stage": "lora", "loss": "kd", "teacher": str(folder)}]})
+    data = json.loads((folder / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    first, second = (token for token, index in vocab.items() if index in (1000, 1001))
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # two tokens trade ids: same size, other tokenizer
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    (problem,) = problems({"stage": "lora", "loss": "kd", "teacher": str(folder)})
+    assert problem.startswith(f"stages[0] (lora): teacher: '{folder}' has another tokenizer than the model "
+                              "'smollm2-135m': token id 1,000 is ")
 
 
 def test_teacher_top_k_larger_than_the_vocabulary_is_refused(tmp_path, tokenizer):

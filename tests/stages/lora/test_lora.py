@@ -18,13 +18,13 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import a3q
 from a3q.arch import describe
+from a3q.calib.sources import enwiki
+from a3q.engine import apply_stage
 from a3q.io.artifact import save_artifact
 from a3q.recipe import RecipeError, StageSpec, parse_recipe
 from a3q.registry import StageConfig
 from a3q.stages.a3.apply import as_a3_graph
 from a3q.stages.lora.config import LoraConfig
-from a3q.engine import apply_stage
-from a3q.calib.sources import enwiki
 from a3q.stages.lora.train import next_token_loss, training_windows
 from tests.remote_code import remote_code_logits
 

@@ -30,6 +30,7 @@ from a3q.stages.lora.train import training_windows
 from tests.stages.lora.test_kd_stage import save_teacher
 from tests.stages.lora.test_lora import lora_weights, tiny_graph
 
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
