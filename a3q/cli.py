@@ -158,6 +158,35 @@ def _note_failure(path: Path, message: str) -> None:
     write_json_atomic(path, payload)
 
 
+@app.command()
+def search(
+    space: Path = typer.Argument(..., help="search space YAML/JSON file (docs/search.md)"),
+    out: Path = typer.Option(..., "--out", help="folder for the front, best.yaml and every built candidate"),
+    resume: bool = typer.Option(False, "--resume", help="continue a stopped search in OUT: finished candidates are "
+                                "kept, a half-built one resumes from its checkpoint"),
+) -> None:
+    """Find the best composition for a budget: validate SPACE (before loading anything), rank every candidate by
+    proxy, build and measure the best-ranked, write OUT/front.json|csv|png and OUT/best.yaml."""
+    from a3q.checkpoint.stops import RunStopped
+    from a3q.engine import StageError
+    from a3q.io.run_lock import OutputBusyError, OutputFolderError
+    from a3q.recipe import RecipeError
+    from a3q.search.driver import run_search
+    from a3q.search.state import SearchRefused
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        result = run_search(space, out, resume=resume, console=console)
+    except (RecipeError, SearchRefused, StageError, OutputBusyError, OutputFolderError) as exc:
+        _fail(str(exc))
+    except RunStopped as exc:
+        Console(stderr=True).print(f"[bold yellow]stopped:[/] {exc}; resume with: a3q search {space} --out {out} "
+                                   "--resume", markup=True, highlight=False)
+        raise typer.Exit(code=exc.exit_code)
+    console.print(f"front: {result.out / 'front.json'}" + (f"; best: {result.out / 'best.yaml'}" if result.best else
+                                                           "; no point within the budget"))
+
+
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="model alias (smollm2-135m), HF folder or a3q artifact"),
@@ -290,7 +319,8 @@ def serve(
     """Serve an artifact with vLLM's OpenAI-compatible server and a3q's plugin (docs/serving.md); arguments after
     ``--`` go to vLLM. The artifact is checked here first; vLLM runs from ``.venv-serve`` (``make serve-setup``)."""
     from a3q.serving.checks import ServeRefusal
-    from a3q.serving.command import ServeError, serve as start_server
+    from a3q.serving.command import ServeError
+    from a3q.serving.command import serve as start_server
 
     try:
         argv = start_server(artifact, port, host, [a for a in ctx.args if a != "--"], exec_=not dry_run)

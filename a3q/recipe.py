@@ -286,20 +286,25 @@ def read_recipe_text(text: str, where: str = "recipe") -> Any:
         raise RecipeError([f"{where}: nested too deeply"]) from None
 
 
-def load_recipe(path: str | Path, check_model: bool = True) -> Recipe:
-    """Read and validate a YAML/JSON recipe file (JSON is YAML, so one loader serves both)."""
-    path = Path(path)
+def read_recipe_file(path: Path, what: str = "recipe") -> Any:
+    """A recipe-like file's parsed contents (strict YAML/JSON, at most :data:`MAX_RECIPE_BYTES`, UTF-8); problems
+    become a :class:`RecipeError` naming ``what`` (``a3q search`` reads its space files with it)."""
     try:
         if not path.is_file():
-            raise RecipeError([f"recipe file '{path}' does not exist"])
+            raise RecipeError([f"{what} file '{path}' does not exist"])
         size = path.stat().st_size
         if size > MAX_RECIPE_BYTES:
-            raise RecipeError([f"{path}: {size:,} bytes; a recipe may have at most {MAX_RECIPE_BYTES:,}"])
+            raise RecipeError([f"{path}: {size:,} bytes; a {what} may have at most {MAX_RECIPE_BYTES:,}"])
         data = path.read_bytes()
     except OSError as exc:
-        raise RecipeError([f"recipe file '{path}': {exc.strerror or exc}"]) from None
+        raise RecipeError([f"{what} file '{path}': {exc.strerror or exc}"]) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RecipeError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
-    return parse_recipe(read_recipe_text(text, str(path)), check_model=check_model)
+    return read_recipe_text(text, str(path))
+
+
+def load_recipe(path: str | Path, check_model: bool = True) -> Recipe:
+    """Read and validate a YAML/JSON recipe file (JSON is YAML, so one loader serves both)."""
+    return parse_recipe(read_recipe_file(Path(path)), check_model=check_model)

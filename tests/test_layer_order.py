@@ -28,6 +28,7 @@ ROOM_ORDER = [
     "assets", "io", "calib",  # models and corpora on disk, loading and artifacts, text
     "pipeline", "metrics", "registry", "recipe", "checkpoint",  # the layer-by-layer pass and what it runs on
     "stages", "checks", "preflight", "session", "engine",  # what runs, and running it
+    "search",  # a3q search: many engine runs, one budget
     "serving", "cli", "__main__",  # ways in
 ]
 #: files whose function-level imports are the documented exceptions (see the module docstring)

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from a3q.arch.surgery import as_a3_graph, redescribe
-from a3q.graph import ModelGraph
+from a3q.graph import LayerStructure, ModelGraph
 from a3q.registry import StageConfig, register_stage
 from a3q.stages.a3.layer_stage import HeadSpaceCompression
 from a3q.stages.a3.ranks import LayerRanks, plan_ranks, round_rank
@@ -107,12 +107,16 @@ class KVConfig(StageConfig):
 
 def plan_kv_ranks(graph: ModelGraph, config: KVConfig) -> list[LayerRanks]:
     """Per-layer q/k and v/o sizes for the budget; the MLP keeps its size."""
-    layers = graph.layers
+    return plan_kv_layer_ranks(graph.layers, config, graph.uses_rope)
+
+
+def plan_kv_layer_ranks(layers: list[LayerStructure], config: KVConfig, rope: bool) -> list[LayerRanks]:
+    """:func:`plan_kv_ranks` from the layers' sizes alone (``a3q search`` sizes candidates from config.json)."""
     if config.kv_ratio is None:
         explicit = {"qk": config.qk_rank, "ov": config.vo_rank, "mlp": None}
-        return plan_ranks(layers, {}, explicit, config.rank_multiple, graph.uses_rope)
+        return plan_ranks(layers, {}, explicit, config.rank_multiple, rope)
     ratio = config.kv_ratio
-    qk_plans = plan_ranks(layers, {"qk": ratio}, {}, config.rank_multiple, graph.uses_rope)
+    qk_plans = plan_ranks(layers, {"qk": ratio}, {}, config.rank_multiple, rope)
     plans = []
     for layer, plan in zip(layers, qk_plans):
         keep_total = (1 - ratio) * (layer.qk_head_dim + layer.vo_head_dim)

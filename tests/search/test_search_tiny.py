@@ -1,0 +1,104 @@
+"""A whole search on a tiny model: its pick equals an exhaustive evaluation, the budget holds on the real artifacts,
+best.yaml reproduces its point, and a stopped search resumes without redoing finished work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from a3q.checkpoint.stops import RunStopped, stop_points
+from a3q.engine import run_recipe
+from a3q.recipe import load_recipe, parse_recipe
+from a3q.search import driver
+from a3q.search.sizes import artifact_linear_bytes
+from a3q.search.space import parse_space
+from a3q.search.state import SearchRefused
+from tests.search.tiny import save_tiny_llama, tiny_space
+from tests.stop_at import SignalAt
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+WEIGHTS = ["none", {"gptq": {"bits": 4, "group_size": 16}}, {"bnb": {"quant_type": "int8"}}]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, smollm2_path):
+    return save_tiny_llama(tmp_path_factory.mktemp("search") / "model", smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def searched(model, tmp_path_factory):
+    """Six candidates, four inside 12 bits per parameter by estimate: every one of those is built."""
+    root = tmp_path_factory.mktemp("searched")
+    (root / "space.yaml").write_text(yaml.safe_dump(tiny_space(model, weights=WEIGHTS)))
+    result = driver.run_search(root / "space.yaml", root / "out", progress=False)
+    return root, result
+
+
+def test_the_pick_equals_an_exhaustive_evaluation_of_every_candidate(searched, tmp_path):
+    root, result = searched
+    space, shape, _ = parse_space(yaml.safe_load((root / "space.yaml").read_text()))
+    measured = {}
+    for candidate in space.candidates():  # each built from the model in one run, without any reuse
+        raw = space.recipe_for(candidate)
+        raw["stages"].append({"stage": "export", "path": str(tmp_path / candidate.key / "artifact")})
+        report = run_recipe(parse_recipe(raw), tmp_path / candidate.key, show_table=False).report
+        ppl = next(row["ppl"] for row in report.rows if row.get("ppl") is not None)
+        bits = 8 * artifact_linear_bytes(tmp_path / candidate.key / "artifact", shape.family) / shape.linear_params()
+        measured[candidate.key] = (ppl, bits)
+    inside = {key: ppl for key, (ppl, bits) in measured.items() if bits <= space.budget.bits_per_param}
+    assert len(measured) == 6 and len(inside) == 4
+    assert result.best["key"] == min(inside, key=inside.get)
+    for point in result.points:  # the shared A³ artifact changes nothing
+        assert point["ppl"] == pytest.approx(measured[point["key"]][0], rel=1e-6)
+        assert point["bits_per_param"] == pytest.approx(measured[point["key"]][1], rel=1e-12)
+
+
+def test_the_budget_holds_on_each_real_artifact_and_its_estimate_is_exact(searched):
+    root, result = searched
+    front = json.loads((root / "out" / "front.json").read_text())
+    assert {p["key"] for p in front["points"]} == {p["key"] for p in result.points}
+    assert len(result.points) == 4 and all(p["within_budget"] for p in result.points)
+    for point in result.points:
+        assert point["bits_per_param"] <= 12.0
+        assert point["linear_bytes"] == point["estimated_linear_bytes"]  # uniform A³, GPTQ, int8: exact
+    built = {p["key"] for p in result.points}
+    assert "dense" not in built and "a3-0.25-uniform" not in built  # float weights: over 12 bits by estimate
+    assert sum(p["best"] for p in front["points"]) == 1 and front["best"] == result.best["key"]
+    for name in ("front.csv", "front.png", "best.yaml", "report.json"):
+        assert (root / "out" / name).stat().st_size > 0
+    assert (root / "out" / "front.csv").read_text().count("\n") == 1 + len(result.points)
+
+
+def test_best_yaml_reproduces_its_points_perplexity(searched, tmp_path):
+    root, result = searched
+    report = run_recipe(load_recipe(root / "out" / "best.yaml"), tmp_path / "best", show_table=False).report
+    ppl = next(row["ppl"] for row in report.rows if row.get("ppl") is not None)
+    assert ppl == pytest.approx(result.best["ppl"], rel=1e-6)
+
+
+def test_a_stopped_search_resumes_without_redoing_finished_work(model, tmp_path, monkeypatch):
+    space = tiny_space(model, a3={"ratios": [0.25], "allocation": ["uniform"]}, weights=WEIGHTS[1:])
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    out = tmp_path / "out"
+    with stop_points(SignalAt("group0.layer0:TERM")), pytest.raises(RunStopped):
+        driver.run_search(tmp_path / "space.yaml", out, progress=False)  # inside the shared A³ build
+    with pytest.raises(SearchRefused, match="already holds a search; pass --resume"):
+        driver.run_search(tmp_path / "space.yaml", out, progress=False)
+
+    calls = []
+    real_run = driver.run_recipe
+
+    def recording(recipe, folder, **kwargs):
+        calls.append((folder.relative_to(out).as_posix(), kwargs["resume"]))
+        return real_run(recipe, folder, **kwargs)
+
+    monkeypatch.setattr(driver, "run_recipe", recording)
+    first = driver.run_search(tmp_path / "space.yaml", out, resume=True, progress=False)
+    assert calls[0] == ("a3/a3-0.25-uniform", True)  # the half-built A³ run continued from its checkpoint
+    assert sorted(calls[1:]) == [(f"runs/{p['key']}", False) for p in sorted(first.points, key=lambda p: p["key"])]
+    calls.clear()
+    again = driver.run_search(tmp_path / "space.yaml", out, resume=True, progress=False)
+    assert calls == [] and again.points == first.points
