@@ -94,3 +94,12 @@ def test_inference_tiny_smollm2_real_a3(tmp_path: Path) -> None:
     assert (rows[1]["qk_head_dim"], rows[1]["vo_head_dim"], rows[1]["intermediate_size"]) == (48, 48, 1224)
     for row in rows:
         assert positive(row["prefill_tokens_per_s"]) and positive(row["decode_tokens_per_s"])
+
+
+def test_search_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "search.json"
+    load_script("search").main([*ONE_THREAD, "--tiny", "--skip-references", "--budgets", "0.3", "--calib-windows", "2",
+                                "--eval-windows", "2", "--out", str(tmp_path / "runs"), "--json", str(out)])
+    (row,) = read(out)["rows"]
+    assert row["pick"] is not None and row["pick_bits"] <= 16 * 0.3 and positive(row["pick_ppl"])
+    assert 1 <= row["built"] <= 4 and (tmp_path / "runs" / "tiny" / "search-0.3" / "best.yaml").is_file()
