@@ -19,6 +19,7 @@ Spearman is over the evaluated points of each search: proxy score against measur
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -71,28 +72,31 @@ def base_space(args: argparse.Namespace, model: str) -> dict[str, Any]:
 
 
 def run_references(args: argparse.Namespace, space: dict[str, Any], out: Path) -> list[dict[str, Any]]:
-    """Each hand-written composition built once with the search's protocol; its real size and perplexity."""
+    """Each hand-written composition built once with the search's protocol; its real size and perplexity. Its A³
+    part is the searches' own shared build (``out/a3``; the same as one run from the model: tests/search)."""
     from a3q.engine import run_recipe
-    from a3q.io.model_folder import config_json
     from a3q.recipe import parse_recipe
-    from a3q.search.driver import _finished_report
-    from a3q.search.sizes import artifact_linear_bytes, model_shape
+    from a3q.search.candidate import Candidate
+    from a3q.search.driver import build_a3, finished_report
+    from a3q.search.sizes import artifact_linear_bytes
+    from a3q.search.space import parse_space
 
-    shape = model_shape(config_json(space["model"]))
+    parsed, shape, _ = parse_space({**space, "budget": {"max_ppl": 1e9}})
     rows = []
     for name, stages in HANDWRITTEN.items():
+        model, rest = space["model"], list(stages)
+        if rest[0]["stage"] == "a3":
+            a3 = Candidate(a3_ratio=rest[0]["ratio"], allocation="uniform" if args.tiny else "global")
+            model, rest = build_a3(parsed, a3, out / "a3" / a3.a3_key), rest[1:]
         if args.tiny:
-            stages = [{**s, "allocation": "uniform"} if s["stage"] == "a3" else
-                      {**s, "group_size": 32} if s["stage"] == "gptq" else s for s in stages]
+            rest = [{**s, "group_size": 32} if s["stage"] == "gptq" else s for s in rest]
         folder = out / "references" / name
-        report = _finished_report(folder)
+        report = finished_report(folder)
         if report is None:
-            raw = {**{k: space[k] for k in ("model", "calibration")},
-                   "stages": [*stages, {"stage": "evaluate", **space["evaluate"]},
+            raw = {"model": model, "calibration": space["calibration"],
+                   "stages": [*rest, {"stage": "evaluate", **space["evaluate"]},
                               {"stage": "export", "path": str(folder / "artifact")}]}
             if folder.exists():
-                import shutil
-
                 shutil.rmtree(folder)
             report = run_recipe(parse_recipe(raw), folder, show_table=False).report.to_json()
         ppl = next(row["ppl"] for row in report["stages"] if row.get("ppl") is not None)
@@ -138,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         path.write_text(yaml.safe_dump({**space, "budget": {"bits_per_param": bits}}, sort_keys=False))
         started = time.perf_counter()
         folder = out / f"search-{fraction:g}"
-        result = run_search(path, folder, resume=(folder / "search-state.json").exists(), progress=True)
+        result = run_search(path, folder, resume=(folder / "search-state.json").exists(), progress=True,
+                            a3_dir=out / "a3")  # A³ builds do not depend on the budget: one per ratio for all
         front = yaml.safe_load((folder / "front.json").read_text())
         best = result.best or {}
         ref = reference_at(references, bits) if references else None

@@ -33,9 +33,10 @@ from a3q.engine import output_lock, run_recipe
 from a3q.io.json_file import read_json_file
 from a3q.io.loading import load_graph
 from a3q.io.manifest import MANIFEST_NAME
+from a3q.io.model_folder import config_json
 from a3q.io.run_lock import prepare_output_folder
 from a3q.io.shards import weight_files
-from a3q.placement import dtype_name, resolve_dtype
+from a3q.placement import dtype_name, resolve_device, resolve_dtype
 from a3q.recipe import parse_recipe
 from a3q.search.candidate import Candidate
 from a3q.search.front import measured_budget_problems, pick_best, select_for_build
@@ -43,7 +44,7 @@ from a3q.search.outputs import front_table, write_outputs
 from a3q.search.proxy import collect_proxy_statistics, proxy_score
 from a3q.search.sizes import ModelShape, SizeEstimate, artifact_linear_bytes
 from a3q.search.space import SearchSpace, SpaceError, load_space
-from a3q.search.state import SearchState
+from a3q.search.state import SearchRefused, SearchState
 
 MAX_REPORT_BYTES = 64 << 20
 
@@ -58,8 +59,12 @@ class SearchResult:
 
 
 def run_search(space_file: str | Path, out: str | Path, resume: bool = False, console: Console | None = None,
-               progress: bool = True) -> SearchResult:
-    """Validate the space (nothing loads before), then proxy, build, measure and write; see the module docstring."""
+               progress: bool = True, a3_dir: str | Path | None = None) -> SearchResult:
+    """Validate the space (nothing loads before), then proxy, build, measure and write; see the module docstring.
+
+    ``a3_dir`` (default ``OUT/a3``): where the shared A³ builds go; searches of one model with one calibration (the
+    benchmark's budgets) can share it, since an A³ build does not depend on the budget. A build there whose recipe
+    differs from this search's is refused, never replaced."""
     space, shape, sizes = load_space(space_file)
     raw = space.model_dump(mode="json")
     out = prepare_output_folder(Path(out))
@@ -73,12 +78,14 @@ def run_search(space_file: str | Path, out: str | Path, resume: bool = False, co
             state.save()
         scores = {c: state.proxy[c.key] for c in candidates}
         chosen = select_for_build(candidates, sizes, scores, space.budget, space.evaluate_top)
-        console.print(f"[bold]a3q search[/]: {len(candidates)} candidates, {sum(1 for c in candidates if not space.budget.size_problems(sizes[c]))} "
-                      f"inside the budget by estimate; building {len(chosen)} (proxy pass {state.proxy_seconds:.0f} s)")
+        inside = sum(1 for c in candidates if not space.budget.size_problems(sizes[c]))
+        console.print(f"[bold]a3q search[/]: {len(candidates)} candidates, {inside} inside the budget by estimate; "
+                      f"building {len(chosen)} (proxy pass {state.proxy_seconds:.0f} s)")
         for candidate in tqdm(chosen, desc="search: candidates", unit="candidate", disable=not progress):
             if candidate.key in state.points:
                 continue
-            point = _build(space, shape, sizes[candidate], scores[candidate], candidate, out, state, console)
+            point = _build(space, shape, sizes[candidate], scores[candidate], candidate, out, state, console,
+                           Path(a3_dir) if a3_dir is not None else out / "a3")
             state.points[candidate.key] = point
             state.save()
             console.print(front_table(list(state.points.values()), space.budget))
@@ -95,8 +102,9 @@ def run_search(space_file: str | Path, out: str | Path, resume: bool = False, co
 def _proxy_scores(space: SearchSpace, candidates: list[Candidate], progress: bool) -> tuple[dict[str, float], float]:
     """One load of the model and the windows, one statistics pass, a score per candidate."""
     started = time.perf_counter()
-    device = "cpu" if space.device == "auto" else space.device
-    graph = load_graph(space.model, dtype=dtype_name(resolve_dtype(space.dtype, None, device)), device=device)
+    device = resolve_device(space.device)
+    dtype = resolve_dtype(space.dtype, config_json(space.model), device)
+    graph = load_graph(space.model, dtype=dtype_name(dtype), device=device)
     cal = space.calibration
     windows = random_windows(graph.tokenizer, cal.source(), cal.seq_len, cal.windows, cal.seed)
     stats = collect_proxy_statistics(graph, windows, candidates, progress=progress)
@@ -105,12 +113,17 @@ def _proxy_scores(space: SearchSpace, candidates: list[Candidate], progress: boo
 
 
 def _build(space: SearchSpace, shape: ModelShape, size: SizeEstimate, score: float, candidate: Candidate, out: Path,
-           state: SearchState, console: Console) -> dict[str, Any]:
+           state: SearchState, console: Console, a3_dir: Path) -> dict[str, Any]:
     """Build and measure one candidate (reusing its A³ artifact); its point for front.json."""
     started = time.perf_counter()
     model, rest = space.model, candidate.stages()
     if candidate.a3_ratio > 0:
-        model = _a3_artifact(space, candidate, out, state, console)
+        if candidate.a3_key not in state.a3_artifacts:
+            started = time.perf_counter()
+            path = build_a3(space, candidate, a3_dir / candidate.a3_key, console)
+            state.a3_artifacts[candidate.a3_key] = {"path": path, "seconds": time.perf_counter() - started}
+            state.save()
+        model = state.a3_artifacts[candidate.a3_key]["path"]
         rest = rest[1:]
     folder = out / "runs" / candidate.key
     artifact = folder / "artifact"
@@ -132,27 +145,24 @@ def _build(space: SearchSpace, shape: ModelShape, size: SizeEstimate, score: flo
     return point
 
 
-def _a3_artifact(space: SearchSpace, candidate: Candidate, out: Path, state: SearchState, console: Console) -> str:
-    """The shared A³ artifact of ``candidate``'s A³ setting, built on first use (an engine run, resumable)."""
-    key = candidate.a3_key
-    if key not in state.a3_artifacts:
-        folder = out / "a3" / key
-        artifact = folder / "artifact"
-        raw = {"model": space.model, "device": space.device, "dtype": space.dtype,
-               "calibration": space.calibration.model_dump(exclude_unset=True),
-               "stages": [candidate.a3_stage(), {"stage": "export", "path": str(artifact)}]}
-        started = time.perf_counter()
-        _run(raw, folder, console)
-        state.a3_artifacts[key] = {"path": str(artifact), "seconds": time.perf_counter() - started}
-        state.save()
-    return state.a3_artifacts[key]["path"]
+def build_a3(space: SearchSpace, candidate: Candidate, folder: Path, console: Console | None = None) -> str:
+    """``candidate``'s A³ part alone, built (an engine run, resumable) and exported to ``folder/artifact``, or the
+    finished build already there; returns the artifact's path."""
+    artifact = folder / "artifact"
+    raw = {"model": space.model, "device": space.device, "dtype": space.dtype,
+           "calibration": space.calibration.model_dump(exclude_unset=True),
+           "stages": [candidate.a3_stage(), {"stage": "export", "path": str(artifact)}]}
+    _run(raw, folder, console or Console(stderr=True))
+    return str(artifact)
 
 
 def _run(raw: dict[str, Any], folder: Path, console: Console) -> dict[str, Any]:
     """Run one recipe into ``folder`` through the engine and return its report; a finished run is read back, a
     stopped one resumes from its checkpoint, anything else half-written is started again."""
-    report = _finished_report(folder)
+    report = finished_report(folder)
     if report is not None:
+        if report.get("recipe") != raw:
+            raise SearchRefused(f"'{folder}' holds a build of another recipe; search into another folder")
         return report
     resume = CheckpointFolder(folder / "checkpoint").exists()
     export = Path(raw["stages"][-1]["path"])
@@ -164,7 +174,8 @@ def _run(raw: dict[str, Any], folder: Path, console: Console) -> dict[str, Any]:
     return result.report.to_json()
 
 
-def _finished_report(folder: Path) -> dict[str, Any] | None:
+def finished_report(folder: Path) -> dict[str, Any] | None:
+    """The report of a finished engine run in ``folder`` whose artifact (``folder/artifact``) is whole, or None."""
     path = folder / "report.json"
     if not path.is_file():
         return None

@@ -59,7 +59,7 @@ def write_outputs(out: Path, space: Any, points: list[dict[str, Any]], best: dic
     for row in rows:
         writer.writerow({**row, "stages": yaml.safe_dump(row["stages"], default_flow_style=True, width=10**6).strip()})
     _write_text(out / "front.csv", buffer.getvalue())
-    plot_front(rows, out / "front.png", space.budget)
+    plot_front(rows, out / "front.png", space.budget, shape.linear_params())
     if best is not None:
         _write_text(out / "best.yaml", "# a3q search: the best point within the budget, rebuilt in one run\n"
                     + yaml.safe_dump(best_recipe(space, best, out), sort_keys=False))
@@ -72,8 +72,9 @@ def write_outputs(out: Path, space: Any, points: list[dict[str, Any]], best: dic
     })
 
 
-def plot_front(rows: list[dict[str, Any]], path: Path, budget: Any) -> None:
-    """Size (MB of decoder linears) against perplexity: every point labelled, the front drawn, the pick starred."""
+def plot_front(rows: list[dict[str, Any]], path: Path, budget: Any, input_params: int) -> None:
+    """Size (MB of decoder linears) against perplexity: every point labelled, the front drawn, the pick starred,
+    the size budgets as vertical lines (``bits_per_param`` over the input model's ``input_params``)."""
     figure, axes = pyplot.subplots(figsize=(9, 6))
     try:
         for row in rows:
@@ -86,7 +87,10 @@ def plot_front(rows: list[dict[str, Any]], path: Path, budget: Any) -> None:
         axes.plot([r["linear_bytes"] / 1e6 for r in front], [r["ppl"] for r in front], color="tab:red",
                   label="front (measured)", zorder=2)
         if budget.weight_bytes is not None:
-            axes.axvline(budget.weight_bytes / 1e6, color="tab:green", linestyle="--", label="budget")
+            axes.axvline(budget.weight_bytes / 1e6, color="tab:green", linestyle="--", label="weight_bytes budget")
+        if budget.bits_per_param is not None:
+            axes.axvline(budget.bits_per_param * input_params / 8e6, color="tab:olive", linestyle="--",
+                         label="bits_per_param budget")
         if budget.max_ppl is not None:
             axes.axhline(budget.max_ppl, color="tab:green", linestyle=":", label="max_ppl")
         axes.set_xlabel("decoder linear weights on disk (MB)")

@@ -35,5 +35,6 @@ def proxy_score(stats: ProxyStatistics, candidate: Candidate) -> float:
     bits = 16.0
     if candidate.weights is not None:
         fields = dict(candidate.weights)
-        bits = float(fields.get("bits", 4)) if fields["stage"] == "gptq" else _STUB_BITS[fields.get("quant_type", "nf4")]
+        stage = fields["stage"]
+        bits = float(fields.get("bits", 4)) if stage == "gptq" else _STUB_BITS[fields.get("quant_type", "nf4")]
     return candidate.a3_ratio + 2.0 ** -bits

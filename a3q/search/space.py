@@ -21,7 +21,8 @@ message gives the smallest reachable value, computed from config.json) and any c
 :func:`a3q.recipe.parse_recipe` refuses (which runs every stage's ``model_problems``).
 
 The default KV axis is ``[none]`` unless the budget names ``kv_bytes_per_token``: then the cache settings that meet
-it are needed, and the default adds 8- and 4-bit caches and a 30% KV-rank cut.
+it are needed, and the default adds 30% and 50% KV-rank cuts, and 8- and 4-bit caches when ``evaluate`` sets
+``cache_chunk`` (the only evaluation that measures a quantized cache).
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ DEFAULT_WEIGHTS: list[Any] = [
     {"gptq": {"bits": 3, "group_size": 64}}, {"gptq": {"bits": 3}}, {"bnb": {"quant_type": "nf4"}},
     {"bnb": {"quant_type": "int8"}},
 ]
-DEFAULT_KV_FOR_KV_BUDGET: list[Any] = ["none", {"bits": 8}, {"bits": 4}, {"kv_ratio": 0.3}, {"kv_ratio": 0.3, "bits": 8}]
+#: the KV axis when the budget names kv_bytes_per_token: rank cuts, and quantized caches when ``evaluate`` can
+#: measure them (``cache_chunk``: only a cache-fed evaluation sees a quantized cache)
+DEFAULT_KV_RANKS: list[Any] = ["none", {"kv_ratio": 0.3}, {"kv_ratio": 0.5}]
+DEFAULT_KV_BITS: list[Any] = [{"bits": 8}, {"bits": 4}, {"kv_ratio": 0.3, "bits": 8}]
 MAX_CANDIDATES = 2000
 SIZE_BUDGETS = ("bits_per_param", "weight_bytes", "kv_bytes_per_token")
 
@@ -107,7 +111,9 @@ class SearchSpace(BaseModel):
     def kv_entries(self) -> list[str | dict[str, Any]]:
         if self.kv is not None:
             return self.kv
-        return list(DEFAULT_KV_FOR_KV_BUDGET) if self.budget.kv_bytes_per_token is not None else ["none"]
+        if self.budget.kv_bytes_per_token is None:
+            return ["none"]
+        return DEFAULT_KV_RANKS + (DEFAULT_KV_BITS if self.evaluate.cache_chunk is not None else [])
 
     def candidates(self) -> list[Candidate]:
         """Every point of the space, in a fixed order (axes' order)."""
