@@ -39,7 +39,7 @@ from a3q.io.shards import weight_files
 from a3q.placement import dtype_name, resolve_device, resolve_dtype
 from a3q.recipe import parse_recipe
 from a3q.search.candidate import Candidate
-from a3q.search.front import measured_budget_problems, pick_best, select_for_build
+from a3q.search.front import measured_budget_problems, pick_best, select_for_build, spearman
 from a3q.search.outputs import front_table, write_outputs
 from a3q.search.proxy import collect_proxy_statistics, proxy_score
 from a3q.search.sizes import ModelShape, SizeEstimate, artifact_linear_bytes
@@ -94,6 +94,9 @@ def run_search(space_file: str | Path, out: str | Path, resume: bool = False, co
         write_outputs(out, space, points, best, shape, state, time.perf_counter() - started)
         console.print(front_table(points, space.budget, title="a3q search: every built point (★ = the pick)",
                                   best=best))
+        rho = spearman([p["proxy"] for p in points], [p["ppl"] for p in points])
+        if rho is not None:
+            console.print(f"proxy against measured perplexity: Spearman {rho:.3f} over {len(points)} built points")
         if best is None:
             console.print("[red]no built candidate is within the budget on its real artifact[/]")
         return SearchResult(points, best, out)
@@ -133,7 +136,8 @@ def _build(space: SearchSpace, shape: ModelShape, size: SizeEstimate, score: flo
     ppl = next(row["ppl"] for row in reversed(report["stages"]) if row.get("ppl") is not None)
     linear_bytes = artifact_linear_bytes(artifact, shape.family)
     point = {
-        "key": candidate.key, "stages": candidate.stages(), "ppl": float(ppl), "proxy": score,
+        "key": candidate.key, "stages": candidate.stages(), "recipe": space.recipe_for(candidate),
+        "ppl": float(ppl), "proxy": score,
         "linear_bytes": linear_bytes, "estimated_linear_bytes": size.linear_bytes,
         "bits_per_param": 8 * linear_bytes / shape.linear_params(),
         "kv_bytes_per_token": float(report["stages"][-1]["kv_bytes_per_token"]),
