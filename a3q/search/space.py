@@ -81,8 +81,13 @@ class Budget(BaseModel):
         """The size budgets ``size`` breaks (empty: it fits)."""
         measured = {"bits_per_param": size.bits_per_param, "weight_bytes": size.linear_bytes,
                     "kv_bytes_per_token": size.kv_bytes_per_token}
-        return [f"{name} {measured[name]:,.4g} > {limit:,.4g}" for name in SIZE_BUDGETS
+        return [f"{name} {_number(measured[name])} > {_number(limit)}" for name in SIZE_BUDGETS
                 if (limit := getattr(self, name)) is not None and measured[name] > limit * (1 + 1e-12)]
+
+
+def _number(value: float) -> str:
+    """``12,816`` for sizes in bytes, ``2.251`` for bits per parameter."""
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.4g}"
 
 
 class A3Axis(BaseModel):
@@ -224,8 +229,8 @@ def budget_problems(space: SearchSpace, sizes: dict[Candidate, SizeEstimate]) ->
         value = {"bits_per_param": lambda s: s.bits_per_param, "weight_bytes": lambda s: s.linear_bytes,
                  "kv_bytes_per_token": lambda s: s.kv_bytes_per_token}[name]
         smallest = min(sizes, key=lambda c: value(sizes[c]))
-        problems.append(f"budget.{name}: {limit:,.4g} is impossible in this space: the smallest reachable is "
-                        f"{value(sizes[smallest]):,.4g} ({smallest.key})")
+        problems.append(f"budget.{name}: {_number(limit)} is impossible in this space: the smallest reachable is "
+                        f"{_number(value(sizes[smallest]))} ({smallest.key})")
     if len(problems) > 1 or not problems:
         problems.append("budget: no single candidate meets every size budget together")
     return problems

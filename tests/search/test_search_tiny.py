@@ -10,9 +10,10 @@ import yaml
 
 from a3q.checkpoint.stops import RunStopped, stop_points
 from a3q.engine import run_recipe
+from a3q.io.model_folder import config_json
 from a3q.recipe import load_recipe, parse_recipe
 from a3q.search import driver
-from a3q.search.sizes import artifact_linear_bytes
+from a3q.search.sizes import artifact_linear_bytes, model_shape
 from a3q.search.space import parse_space
 from a3q.search.state import SearchRefused
 from tests.search.tiny import save_tiny_llama, tiny_space
@@ -102,3 +103,18 @@ def test_a_stopped_search_resumes_without_redoing_finished_work(model, tmp_path,
     calls.clear()
     again = driver.run_search(tmp_path / "space.yaml", out, resume=True, progress=False)
     assert calls == [] and again.points == first.points
+
+
+def test_a_candidate_whose_real_artifact_breaks_the_budget_is_reported_not_picked(model, tmp_path):
+    """Global ranks keep the uniform plan's parameters, not its GPTQ group rounding: on this model the estimate fits
+    4.55 bits per parameter and the real artifact does not."""
+    space = tiny_space(model, a3={"ratios": [0.25], "allocation": ["global"]}, weights=WEIGHTS[1:2],
+                       budget={"bits_per_param": 4.55})
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    result = driver.run_search(tmp_path / "space.yaml", tmp_path / "out", progress=False)
+    (point,) = result.points
+    params = model_shape(config_json(str(model))).linear_params()
+    assert 8 * point["estimated_linear_bytes"] / params <= 4.55 < point["bits_per_param"]  # the premise
+    assert not point["within_budget"] and point["budget_problems"][0].startswith("bits_per_param 4.6")
+    assert result.best is None and not (tmp_path / "out" / "best.yaml").exists()
+    assert json.loads((tmp_path / "out" / "front.json").read_text())["best"] is None
