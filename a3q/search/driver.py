@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from a3q.calib.windows import random_windows
 from a3q.checkpoint.store import CheckpointFolder
-from a3q.engine import output_lock, run_recipe
+from a3q.engine import StageError, output_lock, run_recipe
 from a3q.io.json_file import read_json_file
 from a3q.io.loading import load_graph
 from a3q.io.manifest import MANIFEST_NAME
@@ -81,17 +81,23 @@ def run_search(space_file: str | Path, out: str | Path, resume: bool = False, co
         inside = sum(1 for c in candidates if not space.budget.size_problems(sizes[c]))
         console.print(f"[bold]a3q search[/]: {len(candidates)} candidates, {inside} inside the budget by estimate; "
                       f"building {len(chosen)} (proxy pass {state.proxy_seconds:.0f} s)")
+        failed: dict[str, str] = {}
         for candidate in tqdm(chosen, desc="search: candidates", unit="candidate", disable=not progress):
             if candidate.key in state.points:
                 continue
-            point = _build(space, shape, sizes[candidate], scores[candidate], candidate, out, state, console,
-                           Path(a3_dir) if a3_dir is not None else out / "a3")
+            try:
+                point = _build(space, shape, sizes[candidate], scores[candidate], candidate, out, state, console,
+                               Path(a3_dir) if a3_dir is not None else out / "a3")
+            except StageError as exc:  # one candidate's failure (its report.json says why) must not cost the front
+                failed[candidate.key] = str(exc)
+                console.print(f"[red]{candidate.key} failed[/] (not in the front; --resume retries it): {exc}")
+                continue
             state.points[candidate.key] = point
             state.save()
             console.print(front_table(list(state.points.values()), space.budget))
-        points = [state.points[c.key] for c in chosen]
+        points = [state.points[c.key] for c in chosen if c.key in state.points]
         best = pick_best(points, space.budget)
-        write_outputs(out, space, points, best, shape, state, time.perf_counter() - started)
+        write_outputs(out, space, points, best, shape, state, time.perf_counter() - started, failed)
         console.print(front_table(points, space.budget, title="a3q search: every built point (★ = the pick)",
                                   best=best))
         rho = spearman([p["proxy"] for p in points], [p["ppl"] for p in points])
@@ -118,20 +124,20 @@ def _proxy_scores(space: SearchSpace, candidates: list[Candidate], progress: boo
 def _build(space: SearchSpace, shape: ModelShape, size: SizeEstimate, score: float, candidate: Candidate, out: Path,
            state: SearchState, console: Console, a3_dir: Path) -> dict[str, Any]:
     """Build and measure one candidate (reusing its A³ artifact); its point for front.json."""
-    started = time.perf_counter()
     model, rest = space.model, candidate.stages()
     if candidate.a3_ratio > 0:
-        if candidate.a3_key not in state.a3_artifacts:
-            started = time.perf_counter()
+        if candidate.a3_key not in state.a3_artifacts:  # its time is reported once, in report.json's a3_artifacts
+            a3_started = time.perf_counter()
             path = build_a3(space, candidate, a3_dir / candidate.a3_key, console)
-            state.a3_artifacts[candidate.a3_key] = {"path": path, "seconds": time.perf_counter() - started}
+            state.a3_artifacts[candidate.a3_key] = {"path": path, "seconds": time.perf_counter() - a3_started}
             state.save()
         model = state.a3_artifacts[candidate.a3_key]["path"]
         rest = rest[1:]
+    started = time.perf_counter()
     folder = out / "runs" / candidate.key
     artifact = folder / "artifact"
-    raw = {**space.recipe_for(candidate, model=model, stages=rest)}
-    raw["stages"] = [*raw["stages"], {"stage": "export", "path": str(artifact)}]
+    raw = space.recipe_for(candidate, model=model, stages=rest)
+    raw["stages"].append({"stage": "export", "path": str(artifact)})
     report = _run(raw, folder, console)
     ppl = next(row["ppl"] for row in reversed(report["stages"]) if row.get("ppl") is not None)
     linear_bytes = artifact_linear_bytes(artifact, shape.family)

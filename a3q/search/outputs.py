@@ -45,7 +45,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def write_outputs(out: Path, space: Any, points: list[dict[str, Any]], best: dict[str, Any] | None, shape: Any,
-                  state: Any, seconds: float) -> None:
+                  state: Any, seconds: float, failed: dict[str, str] | None = None) -> None:
     """Every output file of a finished search (see the module docstring)."""
     front_keys = {p["key"] for p in pareto_front(points)}
     rows = [{**p, "on_front": p["key"] in front_keys, "best": best is not None and p["key"] == best["key"]}
@@ -66,7 +66,7 @@ def write_outputs(out: Path, space: Any, points: list[dict[str, Any]], best: dic
     write_json_atomic(out / "report.json", {
         "status": "complete", "model": space.model, "budget": space.budget.given(),
         "candidates": len(state.proxy or {}), "built": [p["key"] for p in points],
-        "best": best, "front": sorted(front_keys), "spearman_proxy_ppl": rho,
+        "best": best, "front": sorted(front_keys), "spearman_proxy_ppl": rho, "failed": failed or {},
         "proxy_seconds": state.proxy_seconds, "a3_artifacts": state.a3_artifacts, "seconds": seconds,
         "input_linear_params": shape.linear_params(),
     })

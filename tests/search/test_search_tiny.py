@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from a3q.checkpoint.stops import RunStopped, stop_points
-from a3q.engine import run_recipe
+from a3q.engine import StageError, run_recipe
 from a3q.io.model_folder import config_json
 from a3q.recipe import load_recipe, parse_recipe
 from a3q.search import driver
@@ -118,3 +118,20 @@ def test_a_candidate_whose_real_artifact_breaks_the_budget_is_reported_not_picke
     assert not point["within_budget"] and point["budget_problems"][0].startswith("bits_per_param 4.6")
     assert result.best is None and not (tmp_path / "out" / "best.yaml").exists()
     assert json.loads((tmp_path / "out" / "front.json").read_text())["best"] is None
+
+
+def test_a_failing_candidate_is_reported_and_the_others_still_make_the_front(model, tmp_path, monkeypatch):
+    space = tiny_space(model, a3={"ratios": [0.0]}, weights=WEIGHTS[1:])
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    real_run = driver.run_recipe
+
+    def failing_int8(recipe, folder, **kwargs):
+        if "int8" in folder.name:
+            raise StageError("stages[0] (bnb): failed: a broken kernel")
+        return real_run(recipe, folder, **kwargs)
+
+    monkeypatch.setattr(driver, "run_recipe", failing_int8)
+    result = driver.run_search(tmp_path / "space.yaml", tmp_path / "out", progress=False)
+    assert [p["key"] for p in result.points] == ["dense+gptq-bits4-groupsize16"] and result.best is not None
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["failed"] == {"dense+bnb-quanttypeint8": "stages[0] (bnb): failed: a broken kernel"}
