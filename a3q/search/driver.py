@@ -95,7 +95,8 @@ def run_search(space_file: str | Path, out: str | Path, resume: bool = False, co
             state.points[candidate.key] = point
             state.save()
             console.print(front_table(list(state.points.values()), space.budget))
-        points = [state.points[c.key] for c in chosen if c.key in state.points]
+        points = [state.points[c.key] for c in candidates if c.key in state.points]  # also those built before a
+        # resume with a smaller evaluate_top
         best = pick_best(points, space.budget)
         write_outputs(out, space, points, best, shape, state, time.perf_counter() - started, failed)
         console.print(front_table(points, space.budget, title="a3q search: every built point (★ = the pick)",

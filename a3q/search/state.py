@@ -44,16 +44,16 @@ class SearchState:
             return cls(path, space)
         if not resume:
             raise SearchRefused(f"--out: '{path.parent}' already holds a search; pass --resume to continue it, or "
-                              "choose another folder")
+                                "choose another folder")
         try:
             saved = read_json_file(path, MAX_STATE_BYTES)
         except (OSError, JSONFileError) as exc:
             raise SearchRefused(f"--resume: cannot read '{path}': {exc}") from None
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             raise SearchRefused(f"--resume: '{path}' is not a search state of format {FORMAT}")
-        if saved.get("space") != space:
-            raise SearchRefused(f"--resume: the space file differs from the one '{path.parent}' was searched with; "
-                              "resume with the same file, or search into another folder")
+        if _comparable(saved.get("space")) != _comparable(space):
+            raise SearchRefused(f"--resume: the space file differs from the one '{path.parent}' was searched with "
+                                "(beyond evaluate_top); resume with the same file, or search into another folder")
         return cls(path, space, proxy=saved.get("proxy"), proxy_seconds=float(saved.get("proxy_seconds", 0.0)),
                    a3_artifacts=dict(saved.get("a3_artifacts") or {}), points=dict(saved.get("points") or {}))
 
@@ -61,3 +61,9 @@ class SearchState:
         write_json_atomic(self.path, {"format": FORMAT, "space": self.space, "proxy": self.proxy,
                                       "proxy_seconds": self.proxy_seconds, "a3_artifacts": self.a3_artifacts,
                                       "points": self.points})
+
+
+def _comparable(space: Any) -> Any:
+    """A space as resuming compares it: ``evaluate_top`` may grow (or shrink) between runs, since the proxy scores
+    and the finished points stay valid; anything else changes what was measured."""
+    return {k: v for k, v in space.items() if k != "evaluate_top"} if isinstance(space, dict) else space

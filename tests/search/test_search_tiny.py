@@ -81,7 +81,7 @@ def test_best_yaml_reproduces_its_points_perplexity(searched, tmp_path):
 
 
 def test_a_stopped_search_resumes_without_redoing_finished_work(model, tmp_path, monkeypatch):
-    space = tiny_space(model, a3={"ratios": [0.25], "allocation": ["uniform"]}, weights=WEIGHTS[1:])
+    space = tiny_space(model, a3={"ratios": [0.25], "allocation": ["uniform"]}, weights=WEIGHTS[1:], evaluate_top=1)
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     out = tmp_path / "out"
     with stop_points(SignalAt("group0.layer0:TERM")), pytest.raises(RunStopped):
@@ -98,11 +98,19 @@ def test_a_stopped_search_resumes_without_redoing_finished_work(model, tmp_path,
 
     monkeypatch.setattr(driver, "run_recipe", recording)
     first = driver.run_search(tmp_path / "space.yaml", out, resume=True, progress=False)
-    assert calls[0] == ("a3/a3-0.25-uniform", True)  # the half-built A³ run continued from its checkpoint
-    assert sorted(calls[1:]) == [(f"runs/{p['key']}", False) for p in sorted(first.points, key=lambda p: p["key"])]
+    (point,) = first.points
+    assert calls == [("a3/a3-0.25-uniform", True), (f"runs/{point['key']}", False)]  # the A³ run continued
+
+    calls.clear()  # a larger evaluate_top on resume: only the newly chosen candidate is built
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({**space, "evaluate_top": 2}))
+    more = driver.run_search(tmp_path / "space.yaml", out, resume=True, progress=False)
+    assert len(calls) == 1 and point in more.points and len(more.points) == 2
     calls.clear()
     again = driver.run_search(tmp_path / "space.yaml", out, resume=True, progress=False)
-    assert calls == [] and again.points == first.points
+    assert calls == [] and again.points == more.points
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({**space, "budget": {"bits_per_param": 7.0}}))
+    with pytest.raises(SearchRefused, match="differs from the one"):
+        driver.run_search(tmp_path / "space.yaml", out, resume=True, progress=False)
 
 
 def test_a_candidate_whose_real_artifact_breaks_the_budget_is_reported_not_picked(model, tmp_path):
