@@ -109,8 +109,9 @@ class SearchSpace(BaseModel):
     evaluate: EvaluateConfig = EvaluateConfig()
     budget: Budget
     a3: A3Axis = A3Axis()
-    weights: list[str | dict[str, Any]] = Field(default_factory=lambda: list(DEFAULT_WEIGHTS), max_length=256)
-    kv: list[str | dict[str, Any]] | None = Field(None, max_length=256)
+    #: entries are checked one by one in _axis_problems (so a message says "weights[2]", not pydantic's union path)
+    weights: list[Any] = Field(default_factory=lambda: list(DEFAULT_WEIGHTS), max_length=256)
+    kv: list[Any] | None = Field(None, max_length=256)
     evaluate_top: int = Field(6, ge=1, le=1000)
 
     def kv_entries(self) -> list[str | dict[str, Any]]:
@@ -175,6 +176,10 @@ def _axis_problems(space: SearchSpace) -> list[str]:
         problems.append("weights: empty space: give at least one entry ('none' = float weights)")
     for i, entry in enumerate(space.weights):
         where = f"weights[{i}]"
+        if not isinstance(entry, (str, dict)):
+            problems.append(f"{where}: expected none or a mapping {{gptq: {{...}}}} / {{bnb: {{...}}}}, got "
+                            f"{type(entry).__name__}")
+            continue
         if isinstance(entry, str):
             if entry != "none":
                 problems.append(f"{where}: '{entry}' is not an entry: use none or {{gptq: {{...}}}} / {{bnb: {{...}}}}")
@@ -192,6 +197,9 @@ def _axis_problems(space: SearchSpace) -> list[str]:
     if not kv_entries:
         problems.append("kv: empty space: give at least one entry ('none' = the model's cache)")
     for i, entry in enumerate(kv_entries):
+        if not isinstance(entry, (str, dict)):
+            problems.append(f"kv[{i}]: expected none or a mapping of kv stage fields, got {type(entry).__name__}")
+            continue
         if isinstance(entry, str):
             if entry != "none":
                 problems.append(f"kv[{i}]: '{entry}' is not an entry: use none or kv stage fields")

@@ -57,6 +57,8 @@ def test_the_minimal_space_takes_every_default_and_sizes_each_candidate_from_con
     ({"weights": [{"gptq": {"bits": 5}}]}, "weights[0].gptq.bits:", "must be one of"),
     ({"weights": [{"awq": {}}]}, "weights[0]:", "unknown quantizer awq"),
     ({"kv": [{"bits": 8}]}, "kv[0].bits:", "cache_chunk"),
+    ({"kv": ["none", None]}, "kv[1]:", "got NoneType"),
+    ({"weights": ["none", 4]}, "weights[1]:", "got int"),
     ({"kv": [{"kv_ratio": 1.5}]}, "kv[0].kv_ratio:", "less than 1"),
     ({"a3": {"ratios": [0.2], "allocation": ["greedy"]}}, "a3.allocation.0:", "uniform"),
     ({"search_budget": 3}, "search_budget:", "Extra inputs"),
