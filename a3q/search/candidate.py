@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,7 +29,7 @@ class Candidate:
             out.append(self.a3_stage())
         for fields in (self.kv, self.weights):
             if fields is not None:
-                out.append(dict(fields))
+                out.append({name: _thawed(value) for name, value in fields})
         return out
 
     def a3_stage(self) -> dict[str, Any]:
@@ -48,4 +49,18 @@ class Candidate:
             if fields is not None:
                 d = dict(fields)
                 parts.append("-".join([str(d.pop("stage"))] + [f"{k}{v}" for k, v in sorted(d.items())]))
-        return "+".join(parts).replace("_", "")
+        return _SAFE.sub("", "+".join(parts).replace("_", ""))
+
+
+#: what a key keeps: it names folders (runs/<key>), so no separators, quotes or brackets from list-valued fields
+_SAFE = re.compile(r"[^A-Za-z0-9.+=-]")
+
+
+def frozen(value: Any) -> Any:
+    """A field value made hashable (lists become tuples, recursively), so a candidate can hold any stage field."""
+    return tuple(frozen(item) for item in value) if isinstance(value, (list, tuple)) else value
+
+
+def _thawed(value: Any) -> Any:
+    """The recipe form of a frozen value (tuples back to lists: recipes are strict about list fields)."""
+    return [_thawed(item) for item in value] if isinstance(value, tuple) else value

@@ -90,8 +90,11 @@ def candidate_layers(shape: ModelShape, candidate: Candidate) -> list[LayerStruc
         layers = [_resized(layer, plan.qk, plan.vo, plan.ff) for layer, plan in zip(layers, plans)]
     record = quantized_record(candidate)
     if record is not None:
-        for layer in layers:
-            layer.quantized = {name: dict(record) for name in layer.linear_shapes(shape.hidden_size)}
+        skipped = (_stage_fields(candidate, ("gptq", "bnb")) or {}).get("skip_modules", [])
+        for index, layer in enumerate(layers):  # skip_modules: path fragments kept in float, as the stages match them
+            prefix = LAYER_PREFIX[shape.family].format(index=index)
+            layer.quantized = {name: dict(record) for name in layer.linear_shapes(shape.hidden_size)
+                               if not any(f in prefix + LINEAR_PATHS[shape.family][name] for f in skipped)}
     return layers
 
 
@@ -117,9 +120,9 @@ def estimate(shape: ModelShape, candidate: Candidate, float_bytes: int) -> SizeE
 
 def quantized_record(candidate: Candidate) -> dict[str, Any] | None:
     """The storage record (as :mod:`a3q.module_types` reads it) every decoder linear of the candidate gets."""
-    if candidate.weights is None:
+    fields = _stage_fields(candidate, ("gptq", "bnb"))
+    if fields is None:
         return None
-    fields = dict(candidate.weights)
     stage = fields.pop("stage")
     if stage == "gptq":
         config = GPTQConfig(**fields)
@@ -133,10 +136,15 @@ def quantized_record(candidate: Candidate) -> dict[str, Any] | None:
     raise ValueError(f"no size rule for weight stage '{stage}'")
 
 
+def _stage_fields(candidate: Candidate, names: tuple[str, ...]) -> dict[str, Any] | None:
+    """The recipe fields of the candidate's stage named one of ``names`` (its recipe form: lists, not tuples)."""
+    return next((stage for stage in candidate.stages() if stage["stage"] in names), None)
+
+
 def _kv_config(candidate: Candidate) -> KVConfig | None:
-    if candidate.kv is None:
+    fields = _stage_fields(candidate, ("kv",))
+    if fields is None:
         return None
-    fields = dict(candidate.kv)
     fields.pop("stage")
     return KVConfig(**fields)
 

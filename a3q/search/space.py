@@ -37,7 +37,7 @@ from a3q.io.model_folder import check_model_reference, config_json
 from a3q.placement import DEVICE_NAMES, is_device_name, resolve_dtype
 from a3q.recipe import CalibrationConfig, RecipeError, parse_recipe, read_recipe_file
 from a3q.registry import get_stage
-from a3q.search.candidate import Candidate
+from a3q.search.candidate import Candidate, frozen
 from a3q.search.sizes import ModelShape, SizeEstimate, estimate, model_shape
 from a3q.stages.evaluate import EvaluateConfig
 
@@ -124,7 +124,7 @@ class SearchSpace(BaseModel):
     def candidates(self) -> list[Candidate]:
         """Every point of the space, in a fixed order (axes' order)."""
         weights = [_weight_fields(entry) for entry in self.weights]
-        kvs = [None if entry == "none" else tuple(sorted({"stage": "kv", **entry}.items()))
+        kvs = [None if entry == "none" else tuple(sorted((k, frozen(v)) for k, v in {"stage": "kv", **entry}.items()))
                for entry in self.kv_entries()]
         points: list[Candidate] = []
         for ratio, allocation, weight, kv in itertools.product(self.a3.ratios, self.a3.allocation, weights, kvs):
@@ -152,7 +152,7 @@ def _weight_fields(entry: str | dict[str, Any]) -> tuple[tuple[str, Any], ...] |
     if entry == "none":
         return None
     (stage, fields), = entry.items()
-    return tuple(sorted({"stage": stage, **fields}.items()))
+    return tuple(sorted((k, frozen(v)) for k, v in {"stage": stage, **fields}.items()))
 
 
 def _format(prefix: str, error: ValidationError) -> list[str]:

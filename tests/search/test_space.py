@@ -92,3 +92,11 @@ def test_the_command_line_names_the_field_in_one_line_and_exits_2(tmp_path, noth
     path.write_text(yaml.safe_dump({**MINIMAL, "budget": {"bits_per_param": 1.0}}))
     result = CliRunner().invoke(app, ["search", str(path), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "budget.bits_per_param:" in result.output and "Traceback" not in result.output
+
+
+def test_list_valued_stage_fields_make_hashable_candidates_with_folder_safe_keys():
+    space, _, sizes = parse_space({**MINIMAL, "a3": {"ratios": [0.0]}, "budget": {"bits_per_param": 12.0},
+                                   "weights": [{"gptq": {"bits": 4, "skip_modules": ["mlp.down_proj", "layers.0."]}}]})
+    (candidate,) = sizes
+    assert candidate.stages() == [{"stage": "gptq", "bits": 4, "skip_modules": ["mlp.down_proj", "layers.0."]}]
+    assert candidate.key == "dense+gptq-bits4-skipmodulesmlp.downprojlayers.0."
