@@ -113,8 +113,8 @@ def _proxy_scores(space: SearchSpace, candidates: list[Candidate], progress: boo
     """One load of the model and the windows, one statistics pass, a score per candidate."""
     started = time.perf_counter()
     device = resolve_device(space.device)
-    dtype = resolve_dtype(space.dtype, config_json(space.model), device)
-    graph = load_graph(space.model, dtype=dtype_name(dtype), device=device)
+    dtype = resolve_dtype(space.dtype, config_json(space.model, space.revision), device)
+    graph = load_graph(space.model, dtype=dtype_name(dtype), device=device, revision=space.revision)
     cal = space.calibration
     windows = random_windows(graph.tokenizer, cal.source(), cal.seq_len, cal.windows, cal.seed)
     stats = collect_proxy_statistics(graph, windows, candidates, progress=progress)
@@ -160,9 +160,7 @@ def build_a3(space: SearchSpace, candidate: Candidate, folder: Path, console: Co
     """``candidate``'s A³ part alone, built (an engine run, resumable) and exported to ``folder/artifact``, or the
     finished build already there; returns the artifact's path."""
     artifact = folder / "artifact"
-    raw = {"model": space.model, "device": space.device, "dtype": space.dtype,
-           "calibration": space.calibration.model_dump(exclude_unset=True),
-           "stages": [candidate.a3_stage(), {"stage": "export", "path": str(artifact)}]}
+    raw = {**space.header(), "stages": [candidate.a3_stage(), {"stage": "export", "path": str(artifact)}]}
     _run(raw, folder, console or Console(stderr=True))
     return str(artifact)
 

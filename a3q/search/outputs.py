@@ -31,11 +31,9 @@ def best_recipe(space: Any, best: dict[str, Any], out: Path) -> dict[str, Any]:
     """A recipe that rebuilds ``best`` from the space's model in one run and exports it to ``OUT/best``."""
     from_stages = [{"stage": stage["stage"], **{k: v for k, v in stage.items() if k != "stage"}}
                    for stage in best["stages"]]
-    recipe = {"model": space.model, "device": space.device, "dtype": space.dtype,
-              "calibration": space.calibration.model_dump(exclude_unset=True),
-              "stages": [*from_stages, {"stage": "evaluate", **space.evaluate.model_dump(exclude_unset=True)},
-                         {"stage": "export", "path": str(out / "best")}]}
-    return recipe
+    return {**space.header(), "stages": [*from_stages, {"stage": "evaluate",
+                                                         **space.evaluate.model_dump(exclude_unset=True)},
+                                         {"stage": "export", "path": str(out / "best")}]}
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -103,6 +103,7 @@ class SearchSpace(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(min_length=1, max_length=4096)
+    revision: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")
     device: str = Field("auto", max_length=64)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     calibration: CalibrationConfig = CalibrationConfig()
@@ -135,7 +136,8 @@ class SearchSpace(BaseModel):
 
     def float_bytes(self) -> int:
         """Bytes of a float weight in the artifacts this space's runs write (``dtype``; ``auto``: by device)."""
-        dtype = resolve_dtype(self.dtype, config_json(self.model), "cpu" if self.device == "cpu" else self.device)
+        config = config_json(self.model, self.revision)
+        dtype = resolve_dtype(self.dtype, config, "cpu" if self.device == "cpu" else self.device)
         return dtype.itemsize
 
     def recipe_for(self, candidate: Candidate, model: str | None = None,
@@ -143,9 +145,14 @@ class SearchSpace(BaseModel):
         """A complete recipe (without export) that builds ``candidate`` from ``model`` (default: the space's) with
         ``stages`` (default: all of the candidate's), then evaluates it on the space's held-out text."""
         evaluate = {"stage": "evaluate", **self.evaluate.model_dump(exclude_unset=True)}
-        return {"model": model or self.model, "device": self.device, "dtype": self.dtype,
-                "calibration": self.calibration.model_dump(exclude_unset=True),
-                "stages": [*(candidate.stages() if stages is None else stages), evaluate]}
+        return {**self.header(model), "stages": [*(candidate.stages() if stages is None else stages), evaluate]}
+
+    def header(self, model: str | None = None) -> dict[str, Any]:
+        """The recipe header every run of this search shares; ``model`` replaces the space's (a built A³ artifact,
+        which has no revision)."""
+        head = {"model": model or self.model, "device": self.device, "dtype": self.dtype,
+                "calibration": self.calibration.model_dump(exclude_unset=True)}
+        return {**head, "revision": self.revision} if model is None and self.revision is not None else head
 
 
 def _weight_fields(entry: str | dict[str, Any]) -> tuple[tuple[str, Any], ...] | None:
@@ -257,7 +264,7 @@ def parse_space(raw: Any) -> tuple[SearchSpace, ModelShape, dict[Candidate, Size
     problems += _axis_problems(space)
     if not space.budget.given():
         problems.append("budget: give at least one of bits_per_param, weight_bytes, kv_bytes_per_token, max_ppl")
-    if (reason := check_model_reference(space.model)) is not None:
+    if (reason := check_model_reference(space.model, space.revision)) is not None:
         problems.append(f"model: {reason}")
     if problems:
         raise SpaceError(problems)
@@ -265,7 +272,7 @@ def parse_space(raw: Any) -> tuple[SearchSpace, ModelShape, dict[Candidate, Size
     if len(candidates) > MAX_CANDIDATES:
         raise SpaceError([f"(axes): {len(candidates)} candidates; a space may have at most {MAX_CANDIDATES}"])
     try:
-        shape = model_shape(config_json(space.model) or {})
+        shape = model_shape(config_json(space.model, space.revision) or {})
     except ValueError as exc:
         raise SpaceError([f"model: {exc}"]) from None
     for candidate in candidates:

@@ -64,6 +64,7 @@ def test_the_minimal_space_takes_every_default_and_sizes_each_candidate_from_con
     ({"search_budget": 3}, "search_budget:", "Extra inputs"),
     ({"evaluate": {"max_windows": 0}}, "evaluate.max_windows:", "greater than or equal to 1"),
     ({"model": "/nowhere/at/all"}, "model:", "/nowhere/at/all"),
+    ({"revision": "main"}, "revision:", "Hub id"),
 ])
 def test_a_bad_space_is_refused_naming_its_field_before_anything_loads(tmp_path, nothing_loads, change, field, words):
     message = _refused(tmp_path, {**MINIMAL, **change})
