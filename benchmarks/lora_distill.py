@@ -99,9 +99,11 @@ def run_distill(args: argparse.Namespace) -> None:
                      "teacher_tail_mass": metrics.get("teacher_tail_mass")})
         console.log(f"{base} {label}: {after} ({metrics['seconds_per_step']:.2f} s/step)")
         if args.json:  # partial results survive a run cut short
-            write_json(args.json.with_suffix(".partial.json"), {"rows": rows, "top_k": sweep})
+            write_json(args.json.with_suffix(".partial.json"), {"rows": rows, "top_k": sweep, "before": before})
         del trained
-    notes = [f"{args.model}: A³ {args.ratio:.0%}{' + GPTQ 4-bit g64 (sym, stage defaults)' if args.quant == 'gptq4' else ''} (global allocation, the default; probes of 1 × 128 tokens instead of 2 × 256), "
+    quantized = " + GPTQ 4-bit g64 (sym, the stage's defaults)" if args.quant == "gptq4" else ""
+    notes = [f"{args.model}: A³ {args.ratio:.0%}{quantized} (global allocation, the default; probes of 1 × 128 "
+             "tokens instead of 2 × 256), "
              f"calibration {args.calib_windows}×512 enwiki/calib; A³ took {a3_seconds:.0f} s",
              f"LoRA r=8 alpha=16 lr=1e-3 on all decoder linears, {steps} steps × 1 window of {args.seq_len} tokens "
              f"(enwiki/calib, seed 0); kd: teacher = the dense model, teacher_top_k {args.top_k}, temperature 1, "
@@ -110,7 +112,7 @@ def run_distill(args: argparse.Namespace) -> None:
              f"total {time.perf_counter() - started:.0f} s"]
     result = finish("lora_distill", info, args, rows, notes, lambda r: render(r, sweep))
     if args.json:  # finish wrote the rows; the top-k measurement goes with them
-        write_json(args.json, {**result, "top_k": sweep})
+        write_json(args.json, {**result, "top_k": sweep, "before": before})
 
 
 def render(result: dict, sweep: list[dict]) -> None:

@@ -12,8 +12,8 @@ AMD EPYC, 70.56 and 70.73 with two kernel paths of one Intel Xeon). In float64 A
 and AVX2 to 1e-15), but MKL's float64 GEMMs do not: it takes its AVX-512 kernels on the Intel Xeon and its AVX2
 kernels on the AMD EPYC (``MKL_CBWR=AVX2`` there gives the same value, ``COMPATIBLE`` a third: 63.67), and a few codes
 flip. So the pin holds one of the two measured values, each to 0.1%: 64.66387586142831 (Intel) and
-63.150639905717014 (AMD), with GPTQ's defaults (act_group_aware, damp_percent 0.05: issue 31; 68.1772547493654 with
-the old ones). The float32 pins that remain are
+63.150639905717014 (AMD), with GPTQ's settings named (act_group_aware, damp_percent 0.05: issue 31's defaults, which
+issue 32 replaced by static act-order; 68.1772547493654 with plain GPTQ). The float32 pins that remain are
 deterministic enough to hold to 0.1% on both CPUs (A³ alone moves by 1e-7). A³'s own default allocation is now
 global; the pins name ``allocation`` explicitly (uniform, the previous default, and global with small probes).
 """
@@ -40,7 +40,7 @@ PINNED = {
     "svd_llm 20%": ([("svd_llm", {"ratio": 0.2})], 167.19186404329884),
     "a3 20% (sequential) + gptq 4-bit g64, float64": (  # one shared pass, as a recipe runs them
         [("a3", {"allocation": "uniform", "ratio": 0.2, "statistics": "sequential"}),
-         ("gptq", {"bits": 4, "group_size": 64})],  # GPTQ's defaults: act_group_aware, damp 0.05
+         ("gptq", {"bits": 4, "group_size": 64, "act_order": False, "act_group_aware": True, "damp_percent": 0.05})],
         (64.66387586142831, 63.150639905717014)),  # MKL's AVX-512 float64 kernels (Intel), its AVX2 ones (AMD)
     "kv_ratio 0.3 + 8-bit cache": ([("kv", {"kv_ratio": 0.3, "bits": 8})], 31.628559984519),
 }

@@ -68,11 +68,12 @@ def test_dense_gptq_export_is_a_standard_v1_checkpoint(tmp_path):
     assert config["model_type"] == "llama"
     assert config["quantization_config"] == {
         "quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": False, "sym": True,
-        "damp_percent": 0.05, "checkpoint_format": "gptq", "true_sequential": False,
+        "damp_percent": 0.01, "checkpoint_format": "gptq", "true_sequential": False,
     }
-    # a recipe that names only bits and group_size gets the best measured settings (issue 31), and the row says so
+    # a recipe that names only bits and group_size gets the best measured settings (issue 32: static act-order,
+    # whose contiguous groups keep the plain v1 layout), and the row says so
     row = next(row for row in result.report.rows if row["stage"] == "gptq")
-    assert row["settings"] == {"sym": True, "act_order": False, "act_group_aware": True, "damp_percent": 0.05,
+    assert row["settings"] == {"sym": True, "act_order": "static", "act_group_aware": False, "damp_percent": 0.01,
                                "true_sequential": False}
     with safe_open(str(tmp_path / "dense" / "model.safetensors"), "pt") as handle:
         prefix = "model.layers.0.self_attn.q_proj."
@@ -150,7 +151,7 @@ def test_true_sequential_remeasures_every_group_after_the_first(aga_runs):
         assert sequential_errors[key] != plain_errors[key], key
     assert not torch.equal(attention[0].o_proj.qweight, attention[1].o_proj.qweight)
     row = _gptq_row(sequential)
-    assert row["damp_percent_used"][0] == {key: 0.05 for key in sequential_errors}  # the default; SmolLM2 needs no more
+    assert row["damp_percent_used"][0] == {key: 0.01 for key in sequential_errors}  # the default; SmolLM2 needs no more
     assert "act-group-aware, true-sequential" in row["note"]
     assert row["worst_relative_error"] == max(e for layer in row["relative_error"] for e in layer.values())
 

@@ -19,10 +19,10 @@ CALIBRATION = {"corpus": "enwiki", "split": "calib", "windows": 2, "seq_len": 64
 ONLY_LAYER_0 = [f"layers.{digit}" for digit in range(1, 10)]  # "layers.1" also matches 10–19, and so on
 
 
-def test_static_alone_turns_act_group_aware_off_and_misspellings_are_refused():
-    assert GPTQConfig(act_order="static").act_group_aware is False
+def test_static_is_the_default_group_aware_alone_turns_it_off_and_misspellings_are_refused():
+    assert GPTQConfig().act_order == "static" and GPTQConfig().act_group_aware is False
     assert GPTQConfig(act_order=True).act_group_aware is False
-    assert GPTQConfig().act_order is False and GPTQConfig().act_group_aware is True
+    assert GPTQConfig(act_group_aware=True).act_order is False
     with pytest.raises(RecipeError, match="act_order"):
         parse_recipe({"model": "smollm2-135m", "calibration": CALIBRATION,
                       "stages": [{"stage": "gptq", "act_order": "dynamic"}]})
