@@ -122,11 +122,24 @@ class SearchSpace(BaseModel):
             return ["none"]
         return DEFAULT_KV_RANKS + (DEFAULT_KV_BITS if self.evaluate.cache_chunk is not None else [])
 
+    def _axes(self) -> tuple[list, list]:
+        weights = list(dict.fromkeys(_weight_fields(entry) for entry in self.weights))
+        kvs = list(dict.fromkeys(
+            None if entry == "none" else tuple(sorted((k, frozen(v)) for k, v in {"stage": "kv", **entry}.items()))
+            for entry in self.kv_entries()))
+        return weights, kvs
+
+    def count(self) -> int:
+        """How many candidates :meth:`candidates` gives, without building them (a hostile space must not make
+        millions of objects before it is refused)."""
+        weights, kvs = self._axes()
+        ratios = set(self.a3.ratios)
+        a3_points = len(ratios - {0}) * len(set(self.a3.allocation)) + (0 in ratios)
+        return a3_points * len(weights) * len(kvs)
+
     def candidates(self) -> list[Candidate]:
         """Every point of the space, in a fixed order (axes' order)."""
-        weights = [_weight_fields(entry) for entry in self.weights]
-        kvs = [None if entry == "none" else tuple(sorted((k, frozen(v)) for k, v in {"stage": "kv", **entry}.items()))
-               for entry in self.kv_entries()]
+        weights, kvs = self._axes()
         points: list[Candidate] = []
         for ratio, allocation, weight, kv in itertools.product(self.a3.ratios, self.a3.allocation, weights, kvs):
             if ratio == 0 and allocation != self.a3.allocation[0]:
@@ -268,9 +281,9 @@ def parse_space(raw: Any) -> tuple[SearchSpace, ModelShape, dict[Candidate, Size
         problems.append(f"model: {reason}")
     if problems:
         raise SpaceError(problems)
+    if (count := space.count()) > MAX_CANDIDATES:
+        raise SpaceError([f"(axes): {count:,} candidates; a space may have at most {MAX_CANDIDATES:,}"])
     candidates = space.candidates()
-    if len(candidates) > MAX_CANDIDATES:
-        raise SpaceError([f"(axes): {len(candidates)} candidates; a space may have at most {MAX_CANDIDATES}"])
     try:
         shape = model_shape(config_json(space.model, space.revision) or {})
     except ValueError as exc:

@@ -101,3 +101,12 @@ def test_list_valued_stage_fields_make_hashable_candidates_with_folder_safe_keys
     (candidate,) = sizes
     assert candidate.stages() == [{"stage": "gptq", "bits": 4, "skip_modules": ["mlp.down_proj", "layers.0."]}]
     assert candidate.key == "dense+gptq-bits4-skipmodulesmlp.downprojlayers.0."
+
+
+def test_a_space_of_millions_of_candidates_is_refused_by_its_count_before_any_is_built(tmp_path, nothing_loads):
+    space = {**MINIMAL, "a3": {"ratios": [i / 100 for i in range(64)], "allocation": ["uniform", "global"]},
+             "weights": ["none"] + [{"gptq": {"bits": 4, "group_size": 8 * (i + 1)}} for i in range(255)],
+             "kv": ["none"] + [{"kv_ratio": (i + 1) / 300} for i in range(255)]}
+    assert "(axes): 8,323,072 candidates; a space may have at most 2,000" in _refused(tmp_path, space)
+    small = parse_space({**MINIMAL, "a3": {"ratios": [0.0, 0.1, 0.1], "allocation": ["uniform", "global"]}})[0]
+    assert small.count() == len(small.candidates()) == 3 * 8
