@@ -30,7 +30,7 @@ import yaml
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import finish, machine_info, print_with_context  # noqa: E402
+from bench_common import finish, machine_info, print_with_context, write_json  # noqa: E402
 
 GPTQ4 = {"stage": "gptq", "bits": 4, "group_size": 64}
 NF4 = {"stage": "bnb", "quant_type": "nf4"}
@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     notes = [f"calibration {args.calib_windows} windows, evaluation {args.eval_windows} windows of enwiki/test",
              "budget = fraction × bf16 bytes of the decoder linears; sizes are the real artifacts' "
              "(a3q.search.sizes.artifact_linear_bytes)", "minutes = wall time of the search (a rerun resumes)"]
-    finish("search", info, args, rows, notes, render)
+    result = finish("search", info, args, rows, notes, render)
+    if args.json:  # every hand-written composition's measured point goes with the picks
+        write_json(args.json, {**result, "references": references})
 
 
 def render(result: dict[str, Any]) -> None:
