@@ -50,9 +50,9 @@ from a3q.arch.surgery import swap_module, with_separate_linears
 from a3q.graph import ModelGraph
 from a3q.pipeline.stage import CalibratingStage, StopLayer
 from a3q.quant.gptq import HessianAccumulator, gptq_quantize
-from a3q.quant.gptq_order import ActOrder
 from a3q.quant.gptq_linear import SUPPORTED_BITS, GPTQLinear
 from a3q.quant.gptq_linear import describe as describe_storage
+from a3q.quant.gptq_order import ActOrder
 from a3q.registry import StageConfig, register_stage
 
 #: the input multiple that external GPTQ kernels (gptqmodel's CPU/GPU kernels) need per group

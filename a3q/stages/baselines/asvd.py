@@ -13,7 +13,6 @@ the full whitening of SVD-LLM.
 
 from __future__ import annotations
 
-
 import torch
 from pydantic import Field
 from torch import Tensor
@@ -21,8 +20,8 @@ from torch import Tensor
 from a3q.registry import register_stage
 from a3q.stages.baselines.common import (
     BaselineConfig,
-    InputStatistics,
     BaselineStage,
+    InputStatistics,
     split_singular,
 )
 

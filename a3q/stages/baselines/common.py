@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from pydantic import Field, model_validator
-from torch import Tensor, nn
+from torch import Tensor
 
 from a3q.arch import LAYER_PREFIX, LINEAR_PATHS, layer_linears
 from a3q.arch.surgery import as_a3_graph, redescribe, swap_module

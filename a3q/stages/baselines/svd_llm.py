@@ -14,7 +14,6 @@ SVD-LLM's LoRA update after truncation is not included (a3q's LoRA stage is the 
 
 from __future__ import annotations
 
-
 import torch
 from pydantic import Field
 from torch import Tensor
