@@ -37,6 +37,7 @@ from a3q.engine import apply_stage
 from a3q.io.loading import load_graph
 from a3q.metrics.perplexity import perplexity
 from a3q.search.candidate import Candidate
+from a3q.search.front import spearman
 from a3q.search.proxy import collect_proxy_statistics, proxy_score
 
 QUANTIZERS = {
@@ -56,26 +57,6 @@ def candidates() -> dict[str, Candidate]:
         for name, fields in QUANTIZERS.items():
             out[f"{'dense' if ratio == 0 else f'a3-{ratio:g}'}+{name}"] = Candidate(ratio, "global", fields)
     return out
-
-
-def spearman(xs: list[float], ys: list[float]) -> float:
-    """Spearman's ρ (average ranks for ties)."""
-    def ranks(values: list[float]) -> list[float]:
-        order = sorted(range(len(values)), key=values.__getitem__)
-        out = [0.0] * len(values)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                out[order[k]] = (i + j) / 2
-            i = j + 1
-        return out
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
 
 
 def run_proxy(dense, calib, a3_probes: str) -> dict:
@@ -130,7 +111,8 @@ def report(proxy: dict, real: dict) -> None:
     console.print(table)
     if len(measured) > 2:
         rho = spearman([p for p, _ in measured], [r for _, r in measured])
-        console.print(f"Spearman(proxy, real log-ppl increase) over {len(measured)} compressed points: {rho:.3f}")
+        shown = "undefined (fewer than 3 points or a constant side)" if rho is None else f"{rho:.3f}"
+        console.print(f"Spearman(proxy, real log-ppl increase) over {len(measured)} compressed points: {shown}")
     parts = json.dumps({k: round(v, 1) for k, v in proxy["parts"].items()})
     console.print(f"proxy: {proxy['seconds']:.0f} s in all, parts {parts}, peak RSS {proxy['peak_rss_mib']:.0f} MiB, "
                   f"Fisher scales {proxy.get('fisher_scale')}")
